@@ -1,0 +1,1 @@
+"""lorakit: LoRA and QLoRA fine-tuning."""

@@ -1,0 +1,325 @@
+"""Typed, frozen run configuration.
+
+YAML is only a file format: a config file is parsed into these dataclasses, which check every
+value when they are built. Each field's docstring (the string literal under it) is its `--help`
+text. Unknown keys and wrong types are errors that name the key and what is allowed; dotted
+overrides such as ``train.lr=2e-4`` patch one field.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names it."""
+
+
+def _allowed(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+BIAS_MODES = ("none", "all", "lora_only")
+QUANT_TYPES = (None, "nf4", "fp4")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+DATA_FORMATS = ("auto", "dolly", "alpaca", "chat", "prompt_completion", "text")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    """LoRA rank: the inner dimension of B @ A (B is [out, r], A is [r, in])."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout probability on the LoRA branch input, in [0, 1)."""
+    target_modules: Union[str, tuple[str, ...]] = "all-linear"
+    """Layers to adapt: "all-linear" (every Linear/Conv1D but the output head), a regex matched
+    against the full module name, or a list of module-name suffixes (PEFT semantics)."""
+    exclude_modules: Optional[Union[str, tuple[str, ...]]] = None
+    """Layers never to adapt: a regex or a list of module-name suffixes."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model), "lora_only" (biases of adapted layers)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)."""
+    fan_in_fan_out: bool = False
+    """Set for layers that store the weight as [in, out] (GPT-2 Conv1D); detected automatically."""
+    adapter_dtype: str = "float32"
+    """dtype of the LoRA weights: "float32" (default, stable updates) or "compute" (the base layer's dtype)."""
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.exclude_modules, list):
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        if isinstance(self.modules_to_save, (list, str)):
+            mts = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else tuple(self.modules_to_save)
+            object.__setattr__(self, "modules_to_save", mts)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"lora.r={self.r!r} is not allowed; r must be an integer > 0")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r} is not allowed; alpha must be a number > 0")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r} is not allowed; dropout must be in [0, 1)")
+        _allowed("lora.bias", self.bias, BIAS_MODES)
+        _allowed("lora.adapter_dtype", self.adapter_dtype, ("float32", "compute"))
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty; give 'all-linear', a regex, or a list of module names")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (LoRA paper eq. 4; rsLoRA paper, 2023)."""
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""
+    """Local folder with config.json + *.safetensors (+ tokenizer), or a Hugging Face hub id."""
+    quantization: Optional[str] = None
+    """Store the frozen base in 4 bits: null (16-bit LoRA), "nf4" (QLoRA) or "fp4"."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales again (8-bit, blocks of 256): 4.5 -> 4.127 bits per weight."""
+    blocksize: int = 64
+    """Weights per fp32 absmax scale in 4-bit storage (64 as in QLoRA; 32..4096, a power of two)."""
+    compute_dtype: str = "auto"
+    """dtype of the frozen weights and activations: "auto" (chosen per device), bf16, fp16 or fp32."""
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    """Linear layers kept in the compute dtype when quantizing (embeddings and norms always are)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint. Off unless you trust the source."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward: less memory, ~30% more compute."""
+
+    def __post_init__(self):
+        if isinstance(self.skip_modules, (list, str)):
+            sm = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules)
+            object.__setattr__(self, "skip_modules", sm)
+        _allowed("model.quantization", self.quantization, QUANT_TYPES)
+        _allowed("model.compute_dtype", self.compute_dtype, ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"))
+        if not (isinstance(self.blocksize, int) and 32 <= self.blocksize <= 4096 and self.blocksize & (self.blocksize - 1) == 0):
+            raise ConfigError(f"model.blocksize={self.blocksize!r} is not allowed; use a power of two in 32..4096")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""
+    """Training data: a .jsonl/.json/.csv/.parquet file, or a Hugging Face dataset id when online."""
+    format: str = "auto"
+    """Row format: auto (detected from the fields), dolly, alpaca, chat, prompt_completion or text."""
+    val_path: Optional[str] = None
+    """A separate validation file; if unset, val_size rows are held out from `path`."""
+    val_size: float = 0.1
+    """Held-out validation rows: a fraction in (0, 1) or a count >= 1 (0 disables validation)."""
+    max_seq_len: int = 512
+    """Examples longer than this many tokens are truncated (and counted)."""
+    train_on_inputs: bool = False
+    """Also supervise the prompt tokens (by default only the response and its EOS are)."""
+    pack: bool = False
+    """Pack several examples into one row of max_seq_len; attention never crosses examples."""
+
+    def __post_init__(self):
+        _allowed("data.format", self.format, DATA_FORMATS)
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len!r} is not allowed; use an integer >= 8")
+        if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
+            raise ConfigError(f"data.val_size={self.val_size!r} is not allowed; use a fraction in (0, 1), a count >= 1, or 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/lorakit"
+    """Run folder: checkpoints, metrics.jsonl, the loss curve and the final adapter go here."""
+    epochs: float = 1.0
+    """Passes over the training set (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means derive from epochs."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by supervised tokens across all of them."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    optimizer: str = "adamw_torch"
+    """adamw_torch, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit."""
+    precision: str = "auto"
+    """Compute precision: auto (chosen per device), bf16, fp16 (with loss scaling) or fp32."""
+    seed: int = 42
+    """Seed for initialisation, data split and order, and dropout."""
+    eval_every: int = 50
+    """Evaluate on the validation set every N optimizer steps (and at the end); 0 only at the end."""
+    save_every: int = 100
+    """Write a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep besides the best one."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of min_delta (0 disables)."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest validation-loss decrease that counts as an improvement."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the cross-entropy, so fp32 logits never exist for the whole batch."""
+    log_every: int = 1
+    """Write a metrics line every N optimizer steps."""
+
+    def __post_init__(self):
+        _allowed("train.schedule", self.schedule, SCHEDULES)
+        _allowed("train.optimizer", self.optimizer, OPTIMIZERS)
+        _allowed("train.precision", self.precision, PRECISIONS)
+        for name in ("micro_batch_size", "grad_accum", "loss_chunk_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 1")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_last", "early_stopping_patience", "max_bad_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr!r} is not allowed; it must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- building from dicts / YAML
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body (used for --help)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())
+    return docs
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a plain dict, checking keys and types; nested sections recurse."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; allowed keys: {', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, path)
+            continue
+        if isinstance(value, str) and _type_ok(0.5, tp) and not _type_ok(value, tp):
+            value = _float_or_same(value)  # YAML 1.1 reads "2e-4" as a string
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), ready for YAML or JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=2e-4' -> (['train', 'lr'], 0.0002). Values are parsed as YAML scalars/lists."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Patch a nested dict with dotted overrides; the result is validated by `from_dict` later."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (optional), apply dotted overrides, and validate into a RunConfig."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping with sections model/lora/data/train")
+    data = apply_overrides(data, list(overrides))
+    return from_dict(RunConfig, data)
