@@ -1,1 +1,25 @@
-"""lorakit: LoRA and QLoRA fine-tuning."""
+"""lorakit: fine-tune causal language models with LoRA and QLoRA on the hardware you have.
+
+The public API (stable names; see README.md):
+
+    model, tokenizer = lorakit.load_model(path, quantization=None | "nf4" | "fp4")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    trainable, total = lorakit.count_parameters(model)
+    lorakit.save_adapter(model, "out/adapter"); lorakit.load_adapter(model, "out/adapter")
+    merged = lorakit.merge(model)
+    packed, state = lorakit.quantize_4bit(tensor); lorakit.dequantize_4bit(packed, state)
+"""
+
+from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from .lora.inject import add_lora, count_parameters, format_trainable, unload
+from .lora.io import load_adapter, save_adapter
+from .lora.layer import LoRALinear
+from .lora.merge import MergeReport, MergeVerificationError, merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_config",
+    "add_lora", "count_parameters", "format_trainable", "unload", "load_adapter", "save_adapter",
+    "LoRALinear", "MergeReport", "MergeVerificationError", "merge",
+]

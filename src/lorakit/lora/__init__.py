@@ -1,0 +1,1 @@
+"""LoRA layers, injection, merging and PEFT-format adapter files."""

@@ -1,0 +1,111 @@
+"""Merge adapters into the base weights: W' = W + scaling * B @ A, computed in fp32.
+
+4-bit layers are dequantized to fp32 first and come out as plain 16-bit `nn.Linear` layers;
+nothing is ever re-quantized here (re-quantizing is a separate, explicit step). The result is a
+plain transformers model with no lorakit module left, so `save_pretrained` writes a checkpoint
+that plain `transformers` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .layer import LoRALinear, ModulesToSave, dense_weight, is_conv1d
+
+
+def _dense_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a merged copy of `layer` is written in: its weight's, or for a 4-bit layer the
+    dtype the weight had before quantization (16-bit for a 16-bit checkpoint)."""
+    state = getattr(layer, "quant_state", None)
+    if state is not None:
+        return state.dtype
+    return layer.weight.dtype
+
+
+def dense_copy(layer: nn.Module, weight_out_in: torch.Tensor) -> nn.Module:
+    """A new plain layer of `layer`'s kind holding `weight_out_in` ([out, in], any float dtype)."""
+    dtype = _dense_dtype(layer)
+    bias = getattr(layer, "bias", None)
+    if is_conv1d(layer):
+        new = type(layer)(layer.nf, weight_out_in.shape[1])  # Conv1D(nf=out, nx=in)
+        new.weight = nn.Parameter(weight_out_in.t().contiguous().to(dtype), requires_grad=False)  # [in, out]
+    else:
+        new = nn.Linear(weight_out_in.shape[1], weight_out_in.shape[0], bias=bias is not None, device="meta")
+        new.weight = nn.Parameter(weight_out_in.to(dtype).contiguous(), requires_grad=False)  # [out, in]
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
+    return new.to(weight_out_in.device)
+
+
+def merged_layer_of(layer: LoRALinear) -> nn.Module:
+    """A plain layer computing base + LoRA: W + scaling * B @ A in fp32, cast to the base dtype."""
+    w = dense_weight(layer.base_layer)               # [out, in] fp32
+    w = w + layer.delta_weight().to(w.device)        # [out, r] @ [r, in] -> [out, in]
+    return dense_copy(layer.base_layer, w)
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    max_logit_diff: float
+    kl_divergence: float  # mean over positions of KL(unmerged || merged), nats
+    top1_agreement: float  # fraction of positions whose argmax token is the same
+
+    def __str__(self) -> str:
+        return (f"merge check: max |logit diff| {self.max_logit_diff:.3g}, KL {self.kl_divergence:.3g} nats, "
+                f"top-1 agreement {100 * self.top1_agreement:.2f}%")
+
+
+class MergeVerificationError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()
+
+
+def compare_logits(ref: torch.Tensor, new: torch.Tensor) -> MergeReport:
+    logp, logq = ref.log_softmax(-1), new.log_softmax(-1)  # [B, T, V]
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    agree = (ref.argmax(-1) == new.argmax(-1)).float().mean()
+    return MergeReport(float((ref - new).abs().max()), float(kl), float(agree))
+
+
+def merge(model: nn.Module, verify: Optional[torch.Tensor] = None, max_kl: float = 1e-3,
+          min_top1: float = 0.99) -> nn.Module:
+    """Fold every adapter into its base layer and return the plain model (the same object).
+
+    4-bit layers (adapted or not) become 16-bit `nn.Linear`; `modules_to_save` copies replace the
+    originals. Merging a model without adapters returns it unchanged. With `verify` (sample
+    token ids [B, T]) the logits before and after are compared; a KL above `max_kl` or a top-1
+    agreement below `min_top1` raises MergeVerificationError. The report is kept on
+    `model.lorakit_merge_report`.
+    """
+    from .inject import replace_module
+
+    was_training = model.training
+    model.eval()
+    reference = _logits(model, verify) if verify is not None else None
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            replace_module(model, name, module.merged_layer or merged_layer_of(module))
+        elif isinstance(module, ModulesToSave):
+            replace_module(model, name, module.module)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "Linear4bit":
+            replace_module(model, name, dense_copy(module, dense_weight(module)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if hasattr(model, "lorakit_config"):
+        del model.lorakit_config
+    if reference is not None:
+        report = compare_logits(reference, _logits(model, verify))
+        model.lorakit_merge_report = report
+        if report.kl_divergence > max_kl or report.top1_agreement < min_top1:
+            raise MergeVerificationError(f"{report} exceeds the limits (KL <= {max_kl}, top-1 >= {min_top1})")
+    model.train(was_training)
+    return model

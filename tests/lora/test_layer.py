@@ -1,0 +1,140 @@
+"""LoRALinear on every supported architecture: exact start, gradients, freezing, options."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.lora.inject import lora_layers
+from lorakit.lora.layer import LoRALinear
+
+from conftest import tiny_model
+
+
+def test_zero_B_gives_base_logits_exactly(arch, input_ids):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        base = model(input_ids).logits
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert len(list(lora_layers(model))) > 0
+    with torch.no_grad():
+        adapted = model(input_ids).logits
+    assert torch.equal(base, adapted)
+
+
+def test_phi3_fused_projections_are_adapted_whole():
+    model = lorakit.add_lora(tiny_model("phi3"), lorakit.LoraConfig(r=4, target_modules=["qkv_proj", "gate_up_proj"]))
+    attn = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(attn, LoRALinear)
+    assert attn.lora_B.weight.shape[0] == attn.base_layer.out_features  # one B over q, k and v rows
+
+
+def test_gpt2_conv1d_is_wrapped_with_fan_in_fan_out(input_ids):
+    model = lorakit.add_lora(tiny_model("gpt2"), lorakit.LoraConfig(r=4, target_modules=["c_attn"]))
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer.base_layer, Conv1D) and layer.fan_in_fan_out
+    assert layer.lora_A.weight.shape == (4, 64) and layer.lora_B.weight.shape == (192, 4)
+
+
+def test_init_A_kaiming_uniform_B_zero():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(256, 128), r=8, alpha=16)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) bound = sqrt(6 / ((1 + 5) * fan_in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 32 / 16), (True, 32 / 4)])
+def test_scaling(rslora, expected):
+    layer = LoRALinear(nn.Linear(8, 8), r=16, alpha=32, use_rslora=rslora)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
+    want = layer.base_layer(x) + expected * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert layer.scaling == expected
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_applies_to_the_lora_branch_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16), r=4, alpha=4, dropout=0.5).train()
+    x = torch.randn(4, 16)
+    # With B = 0 the branch contributes nothing, so dropout must not touch the base output.
+    assert torch.equal(layer(x), layer.base_layer(x))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    outs = [layer(x) for _ in range(2)]
+    assert not torch.equal(outs[0], outs[1])  # dropout active on the branch in train mode
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_adapter_dtype_and_output_dtype():
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    fp32_adapter = LoRALinear(base, r=4, alpha=8)
+    assert fp32_adapter.lora_A.weight.dtype == torch.float32
+    assert fp32_adapter(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    model = lorakit.add_lora(tiny_model("llama", dtype=torch.bfloat16),
+                             lorakit.LoraConfig(r=4, adapter_dtype="compute"))
+    assert {l.lora_A.weight.dtype for _, l in lora_layers(model)} == {torch.bfloat16}
+
+
+def test_only_lora_params_get_gradients_and_base_is_bit_identical_after_step(arch, input_ids):
+    model = tiny_model(arch).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8))
+    for _, layer in lora_layers(model):  # non-zero B so that A also receives a gradient
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        assert p.requires_grad == is_lora, name
+        assert (p.grad is not None) == is_lora, name
+        if is_lora:
+            assert p.grad.abs().sum() > 0, name
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    opt.step()
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        wrapped = name if name in after else _wrapped_name(name)
+        assert torch.equal(after[wrapped], value), name
+
+
+def _wrapped_name(name: str) -> str:
+    module, _, param = name.rpartition(".")
+    return f"{module}.base_layer.{param}"
+
+
+@pytest.mark.parametrize("mode", ["none", "lora_only", "all"])
+def test_bias_modes(mode):
+    model = tiny_model("qwen2", num_hidden_layers=1)  # Qwen2 has q/k/v biases
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "o_proj"], bias=mode))
+    biases = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+    expected = {"none": 0, "lora_only": 2, "all": 3}[mode]
+    assert len(biases) == expected, biases
+
+
+def test_modules_to_save_trains_a_copy_and_unload_restores(input_ids):
+    model = tiny_model("llama")
+    original_head = model.lm_head
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=("lm_head",)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.module.weight" in trainable and "lm_head.original_module.weight" not in trainable
+    lorakit.unload(model)
+    assert model.lm_head is original_head
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_count_parameters_reads_like_the_issue():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(4096, 4096, bias=False))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=8, target_modules=["proj"]))
+    assert lorakit.count_parameters(model) == (65_536, 16_777_216)
+    assert lorakit.format_trainable(model) == "trainable 65,536 of 16,777,216 (0.39%)"
+
+
+def test_adding_twice_is_an_error():
+    model = lorakit.add_lora(tiny_model("llama"), lorakit.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lorakit.add_lora(model, lorakit.LoraConfig(r=2))
