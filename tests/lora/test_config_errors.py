@@ -5,7 +5,7 @@ import pytest
 import lorakit
 from lorakit.config import ConfigError, load_config
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

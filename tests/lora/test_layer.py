@@ -11,7 +11,7 @@ import lorakit
 from lorakit.lora.inject import lora_layers
 from lorakit.lora.layer import LoRALinear
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 
 def test_zero_B_gives_base_logits_exactly(arch, input_ids):

@@ -8,7 +8,7 @@ import lorakit
 from lorakit.lora.inject import lora_layers
 from lorakit.lora.layer import LoRALinear
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 
 def _adapted(arch, **kw):

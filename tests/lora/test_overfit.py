@@ -4,7 +4,7 @@ import torch
 
 import lorakit
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 
 def test_lora_overfits_one_batch(input_ids):

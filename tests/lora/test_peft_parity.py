@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.lora.inject import lora_layers
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 peft = pytest.importorskip("peft")
 
