@@ -1,0 +1,225 @@
+"""Load a Hugging Face causal LM tensor by tensor, quantizing target layers as they arrive.
+
+    config.json -> model skeleton with parameters on the meta device (no memory)
+    for each tensor in the safetensors shards (read with plain file reads, not mmap):
+        target Linear weight -> quantize_4bit -> Linear4bit   (the fp16 copy is dropped at once)
+        anything else        -> cast to the compute dtype and put in place
+
+So the full-precision model never exists in memory: the peak is the final model plus one tensor.
+Embeddings, norms and the output head (`skip_modules`) stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .targets import is_linear, name_matches, output_head_names
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype names (format spec: https://github.com/huggingface/safetensors#format)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, byte offset of the data section). Layout: u64 little-endian N, N bytes of JSON, data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each read into its own buffer (no mmap, so memory
+    holds only what the caller keeps)."""
+    header, base = read_safetensors_header(path)
+    with open(path, "rb", buffering=0) as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(base + start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise ValueError(f"{path}: truncated data for tensor {name!r}")
+            yield name, buf.view(dtype).reshape(info["shape"])
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    bins = sorted(folder.glob("*.bin"))
+    hint = " (only pickle .bin files found; lorakit never unpickles weights: convert them to safetensors)" if bins else ""
+    raise FileNotFoundError(f"{folder}: no *.safetensors weights{hint}")
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local folder as is; otherwise a hub id, fetched (config, safetensors, tokenizer) when online."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; a model folder needs config.json and *.safetensors")
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown id, gated model...
+        raise FileNotFoundError(f"{name_or_path!r} is not a local folder and could not be fetched from the hub: {e}") from None
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While building a model, create parameters on the meta device (no memory) but buffers for
+    real, so computed non-persistent buffers (rotary inv_freq, masks) are correct. Scoped to the
+    `with` block; nothing is patched outside it."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def quantize_targets(model: nn.Module, skip_modules: tuple[str, ...]) -> set[str]:
+    """Names of the linear layers to store in 4 bits: every Linear but the output head and `skip_modules`."""
+    heads = output_head_names(model)
+    return {n for n, m in model.named_modules()
+            if n and is_linear(m) and n not in heads and not name_matches(n, skip_modules)}
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise KeyError(name)
+
+
+def load_model(name_or_path: str, quantization: Optional[str] = None, double_quant: bool = True,
+               compute_dtype: Union[str, torch.dtype] = "auto", blocksize: int = 64,
+               skip_modules: tuple[str, ...] = ("lm_head",), trust_remote_code: bool = False,
+               device: Union[str, torch.device, None] = None, load_tokenizer: bool = True):
+    """Load (model, tokenizer) from a local folder or hub id; `quantization` "nf4"/"fp4" stores the
+    target Linear weights in 4 bits as they are read. The model is returned in eval mode with every
+    parameter frozen (add_lora decides what trains)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..train.precision import resolve_dtype
+
+    cfg = ModelConfig(name_or_path=name_or_path, quantization=quantization, double_quant=double_quant,
+                      blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code,
+                      compute_dtype=compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype).split(".")[-1])
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    folder = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    for module in model.modules():  # buffers to the device; parameters stay meta until read
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+    targets = quantize_targets(model, cfg.skip_modules) if cfg.quantization else set()
+    _fill(model, folder, targets, cfg, dtype, device)
+    model.eval()
+    model.config._name_or_path = name_or_path
+    tokenizer = load_tokenizer_for(folder, trust_remote_code) if load_tokenizer else None
+    return model, tokenizer
+
+
+def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
+          device: torch.device) -> None:
+    from ..lora.inject import replace_module
+
+    if targets:
+        from ..quant.linear4bit import Linear4bit
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    unexpected = []
+    for file in checkpoint_files(folder):
+        for name, tensor in iter_safetensors(file):
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            expected.discard(name)
+            module_name, _, attr = name.rpartition(".")
+            if module_name in targets and attr == "weight":
+                old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
+                replace_module(model, module_name, Linear4bit.from_weight(
+                    tensor.to(device), getattr(old, "bias", None), quant_type=cfg.quantization,
+                    blocksize=cfg.blocksize, double_quant=cfg.double_quant, compute_dtype=dtype))
+                continue  # the 16-bit weight is dropped here
+            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            module = model.get_submodule(module_name)
+            if targets and isinstance(module, Linear4bit) and attr == "bias":
+                module.bias = nn.Parameter(value, requires_grad=False)  # bias stored after its weight
+            else:
+                _set_tensor(model, name, value)
+    _tie_head(model)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint has no tensor for {missing[0]!r} ({len(missing)} missing); "
+                         f"is it a {type(model).__name__} checkpoint?")
+    if unexpected:
+        warnings.warn(f"{folder}: ignored {len(unexpected)} checkpoint tensors the model has no place for, "
+                      f"e.g. {unexpected[:3]}", stacklevel=3)
+
+
+def _tie_head(model: nn.Module) -> None:
+    """Checkpoints with tied embeddings store the matrix once (as embed_tokens)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight.device.type == "meta" and getattr(model.config, "tie_word_embeddings", False):
+        out.weight = inp.weight
+
+
+def load_tokenizer_for(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        log.warning("%s has no tokenizer files; returning tokenizer=None", folder)
+        return None
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
