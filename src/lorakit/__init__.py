@@ -15,11 +15,15 @@ from .lora.inject import add_lora, count_parameters, format_trainable, unload
 from .lora.io import load_adapter, save_adapter
 from .lora.layer import LoRALinear
 from .lora.merge import MergeReport, MergeVerificationError, merge
+from .model.load import load_model
+from .quant.linear4bit import Linear4bit
+from .quant.nf4 import dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_config",
     "add_lora", "count_parameters", "format_trainable", "unload", "load_adapter", "save_adapter",
-    "LoRALinear", "MergeReport", "MergeVerificationError", "merge",
+    "LoRALinear", "MergeReport", "MergeVerificationError", "merge", "load_model", "Linear4bit",
+    "quantize_4bit", "dequantize_4bit",
 ]

@@ -94,8 +94,6 @@ class ModelConfig:
     """Quantize the 4-bit block scales again (8-bit, blocks of 256): 4.5 -> 4.127 bits per weight."""
     blocksize: int = 64
     """Weights per fp32 absmax scale in 4-bit storage (64 as in QLoRA; 32..4096, a power of two)."""
-    compute_dtype: str = "auto"
-    """dtype of the frozen weights and activations: "auto" (chosen per device), bf16, fp16 or fp32."""
     skip_modules: tuple[str, ...] = ("lm_head",)
     """Linear layers kept in the compute dtype when quantizing (embeddings and norms always are)."""
     trust_remote_code: bool = False
@@ -108,7 +106,6 @@ class ModelConfig:
             sm = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules)
             object.__setattr__(self, "skip_modules", sm)
         _allowed("model.quantization", self.quantization, QUANT_TYPES)
-        _allowed("model.compute_dtype", self.compute_dtype, ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"))
         if not (isinstance(self.blocksize, int) and 32 <= self.blocksize <= 4096 and self.blocksize & (self.blocksize - 1) == 0):
             raise ConfigError(f"model.blocksize={self.blocksize!r} is not allowed; use a power of two in 32..4096")
 
@@ -163,7 +160,8 @@ class TrainConfig:
     optimizer: str = "adamw_torch"
     """adamw_torch, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit."""
     precision: str = "auto"
-    """Compute precision: auto (chosen per device), bf16, fp16 (with loss scaling) or fp32."""
+    """dtype of the frozen weights and activations: auto (chosen per device: bf16 on CPUs with native
+    bf16 and on Ampere+ GPUs), bf16, fp16 (with loss scaling) or fp32. LoRA weights stay fp32."""
     seed: int = 42
     """Seed for initialisation, data split and order, and dropout."""
     eval_every: int = 50

@@ -93,17 +93,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors to `path` (atomically)."""
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the two adapter files into an existing folder (not atomic; see save_adapter)."""
     from safetensors.torch import save_file
 
     if not hasattr(model, "lorakit_config"):
         raise ValueError("this model has no lorakit adapters; call lorakit.add_lora first")
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     cfg = adapter_config_dict(model, model.lorakit_config, base)
+    save_file(adapter_state_dict(model), str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors to `path`, atomically."""
     with atomic_dir(path) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        write_adapter_files(model, tmp, base_model_name_or_path)
     return Path(path)
 
 

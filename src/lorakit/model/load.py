@@ -152,10 +152,9 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
     from ..train.precision import resolve_dtype
 
     cfg = ModelConfig(name_or_path=name_or_path, quantization=quantization, double_quant=double_quant,
-                      blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code,
-                      compute_dtype=compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype).split(".")[-1])
+                      blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(cfg.compute_dtype, device)
+    dtype = resolve_dtype(compute_dtype, device)
     folder = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with parameters_on_meta():

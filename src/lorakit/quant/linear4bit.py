@@ -1,0 +1,192 @@
+"""Linear4bit: a frozen nn.Linear whose weight is stored as packed 4-bit NF4/FP4 codes.
+
+Stored buffers (all carried by state_dict / load_state_dict and moved by ``.to(device)``):
+
+    weight_packed             uint8 [out_features, in_features // 2]   row r = bytes of weight row r,
+                              element 2j in the high nibble (same bytes as bitsandbytes' flat packing)
+    weight_absmax, weight_quant_map, weight_nested_absmax, weight_nested_quant_map,
+    weight_nested_offset, weight_quant_state   the QuantState, ``QuantState.to_dict("weight_")``
+
+Quantization happens only in ``from_weight`` / ``from_linear`` (explicit); ``.to()`` only moves
+or, for the bias, casts. Floating-point quantization buffers keep their dtype under
+``module.to(dtype)`` / ``.half()`` so the stored scales are never silently rounded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nf4 import check_quant_args, dequantize_4bit, quantize_4bit
+from .state import QuantState
+
+_STATE_PREFIX = "weight_"
+_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset", "quant_state")
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """y = x @ W^T with W = dequantize_4bit(packed, state) rebuilt in every pass.
+
+    forward:  W = dequant(packed, state)           [out, in], in x's dtype
+              y = x @ W^T                          [..., out]
+    backward: dL/dx = dL/dy @ W                    [..., in]   (W dequantized again)
+              no gradient for the frozen 4-bit weight.
+    Saved for backward: only ``packed`` (uint8) and a reference to the state; never W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+        ctx.save_for_backward(packed)
+        ctx.state = state
+        weight = dequantize_4bit(packed, state, dtype=x.dtype)  # [out, in]
+        return x @ weight.t()  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_4bit(packed, ctx.state, dtype=grad_out.dtype)  # [out, in]
+            grad_x = grad_out @ weight  # [..., in]
+        return grad_x, None, None
+
+
+class Linear4bit(nn.Module):
+    """Frozen 4-bit linear layer: ``y = x @ dequant(W)^T + b`` computed in ``compute_dtype``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
+        super().__init__()
+        self._configure(in_features, out_features, quant_type, blocksize, double_quant, compute_dtype)
+        zeros = torch.zeros(out_features, in_features, dtype=compute_dtype, device=device)
+        self._set_quantized(*quantize_4bit(zeros, quant_type, blocksize, double_quant))
+        b = torch.zeros(out_features, dtype=compute_dtype, device=device) if bias else None
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> "Linear4bit":
+        """Quantize ``weight`` [out, in] (the one place a Linear4bit quantizes)."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        layer = cls.__new__(cls)  # skip __init__: it would quantize a zero weight first
+        nn.Module.__init__(layer)
+        layer._configure(in_features, out_features, quant_type, blocksize, double_quant, compute_dtype)
+        layer._set_quantized(*quantize_4bit(weight.detach(), quant_type, blocksize, double_quant))
+        b = None if bias is None else bias.detach().to(compute_dtype).clone()
+        layer.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
+        """Quantize an nn.Linear; kwargs as in :meth:`from_weight` (quant_type, blocksize, ...)."""
+        return cls.from_weight(linear.weight, linear.bias, **kwargs)
+
+    def _configure(self, in_features, out_features, quant_type, blocksize, double_quant, compute_dtype) -> None:
+        check_quant_args(quant_type, blocksize)
+        if in_features % 2:
+            raise ValueError(
+                f"Linear4bit needs an even in_features (two 4-bit codes per byte per row), got {in_features}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        self.register_buffer("weight_packed", packed.reshape(self.out_features, self.in_features // 2))  # [out, in/2]
+        stored = state.to_dict(_STATE_PREFIX)
+        for key in _STATE_KEYS:
+            self.register_buffer(_STATE_PREFIX + key, stored.get(_STATE_PREFIX + key))
+        self._meta = state.metadata()  # python copy of the JSON blob: no parsing/device sync per forward
+
+    # ---- state ----------------------------------------------------------------------------
+    @property
+    def quant_state(self) -> QuantState:
+        """A QuantState over the current buffers (no copies: follows .to() moves)."""
+        tensors = {k: self._buffers[_STATE_PREFIX + k] for k in _STATE_KEYS[:-1]}
+        return QuantState.from_tensors({k: v for k, v in tensors.items() if v is not None}, self._meta)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Load the packed weight and its QuantState as a unit: the incoming state may differ
+        in double quantization or source dtype from this module's, so buffers are replaced."""
+        names = ["weight_packed"] + [_STATE_PREFIX + k for k in _STATE_KEYS]
+        if prefix + "weight_packed" in state_dict and prefix + _STATE_PREFIX + "quant_state" in state_dict:
+            sub = {n: state_dict[prefix + n].detach().clone() for n in names if prefix + n in state_dict}
+            state = QuantState.from_dict(sub, _STATE_PREFIX)
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"{prefix}weight: quantized shape {tuple(state.shape)} != ({self.out_features}, {self.in_features})"
+                )
+                return
+            device = self.weight_packed.device
+            self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+            self._set_quantized(sub["weight_packed"].to(device), state.to(device))
+            local_names = set(names)
+        else:
+            local_names = set()
+        # bias (and anything else) through the default path; our buffers are hidden from it
+        hidden = {n: self._buffers.pop(n) for n in names if n in self._buffers}
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            self._buffers.update(hidden)
+        if not local_names:
+            missing_keys.extend(prefix + n for n in names if self._buffers.get(n) is not None)
+        for key in list(unexpected_keys):
+            if key.startswith(prefix) and key[len(prefix) :] in names:
+                unexpected_keys.remove(key)
+
+    def _apply(self, fn, recurse=True):
+        """Keep fp32 quantization buffers exact under module.to(dtype): only their device follows."""
+        before = {n: b for n, b in self._buffers.items() if b is not None and n.startswith(_STATE_PREFIX)}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    # ---- compute --------------------------------------------------------------------------
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight as a dense [out_features, in_features] tensor (default: compute dtype)."""
+        return dequantize_4bit(self.weight_packed, self.quant_state, dtype=dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        y = _Linear4bitFn.apply(x, self.weight_packed, self.quant_state)  # [..., out]
+        if self.bias is not None:
+            y = y + self.bias.to(self.compute_dtype)
+        return y
+
+    def nbytes_weight(self) -> int:
+        """Bytes of the packed codes plus the stored QuantState tensors."""
+        return self.weight_packed.numel() * self.weight_packed.element_size() + self.quant_state.nbytes()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )

@@ -1,0 +1,175 @@
+"""Reference 4-bit NF4 / FP4 blockwise quantization with double quantization.
+
+Byte-exact with ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` (0.50, CPU).
+
+Layout
+------
+The tensor is flattened row-major into n values and cut into blocks of ``blocksize``
+consecutive values (the last block may be partial). Per block:
+
+    absmax[b] = max |x| over the block                            (fp32)
+    idx[i]    = index of the code value nearest to x[i] / absmax[b]  (4 bits)
+
+Two indices share a byte, the first (even) element in the HIGH nibble:
+
+    packed[j] = (idx[2j] << 4) | idx[2j + 1]          bits 7..4 = idx[2j], bits 3..0 = idx[2j+1]
+
+``packed`` is uint8 of shape [(n + 1) // 2, 1] (bitsandbytes' shape); for odd n the low
+nibble of the last byte encodes a padding 0.0. Dequantization is
+``code[idx[i]] * absmax[b]`` in fp32, then cast to the requested dtype.
+
+Rounding: values are scaled by ``x * (1 / absmax)`` for full blocks and ``x / absmax`` for a
+partial last block (as bitsandbytes does), clamped to [-1, 1], and an exact midpoint goes to
+the lower code value. An all-zero partial last block stores absmax 1e-38 (bitsandbytes clamps
+it there), an all-zero full block stores 0.
+
+Double quantization (QLoRA, Dettmers et al. 2023, sec. 3): the fp32 absmax vector is replaced
+by ``quantize_blockwise(absmax - mean(absmax), signed dynamic map, blocksize=256)``: uint8
+codes [n_blocks] + fp32 second-level absmax [ceil(n_blocks / 256)] + the fp32 mean (offset).
+Storage per weight: 4 + 32/blocksize bits -> 4 + 8/blocksize + 32/(256*blocksize) bits
+(4.5 -> 4.127 at blocksize 64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dynamic import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from .state import QuantState
+
+# NormalFloat4: the 16 values of QLoRA (Dettmers et al. 2023, arXiv:2305.14314, Appendix E),
+# as hard-coded in bitsandbytes.functional.get_4bit_type("nf4") (fp32, sorted ascending).
+NF4_CODE = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+
+# FP4 (E2M1 with bitsandbytes' exponent bias), in bitsandbytes' index order: bit 3 is the sign;
+# bits 2..0 give the magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3, normalised by the largest (12).
+# Source: bitsandbytes.functional.get_4bit_type("fp4") (the same values as dDequantizeFP4 in
+# csrc/cpu_ops.h). Index 8 (negative zero) is stored as +0.0, as bitsandbytes does.
+FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=torch.float32) / 12.0
+
+QUANT_TYPES = ("nf4", "fp4")
+# bitsandbytes.functional.quantize_4bit accepts exactly these block sizes.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Double quantization: 8-bit blocks of 256 absmax values (QLoRA sec. 3 / bitsandbytes).
+DOUBLE_QUANT_BLOCKSIZE = 256
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def get_code(quant_type: str) -> torch.Tensor:
+    """The 16-entry fp32 code table of ``quant_type`` ("nf4" or "fp4")."""
+    check_quant_args(quant_type, 64)
+    return (NF4_CODE if quant_type == "nf4" else FP4_CODE).clone()
+
+
+def check_quant_args(quant_type: str, blocksize: int) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _nearest_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """int64 index into ``code`` of the nearest value; an exact midpoint goes to the lower value."""
+    sorted_code, order = torch.sort(code, stable=True)  # FP4's two zeros: index 0 before 8
+    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2  # [15]
+    return order[torch.searchsorted(midpoints, scaled, side="left")]
+
+
+def _block_scale(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (absmax fp32 [n_blocks], scaled fp32 [n]) with bitsandbytes' rounding."""
+    flat = x.detach().reshape(-1).float()  # [n]
+    n = flat.numel()
+    n_full, rem = divmod(n, blocksize)
+    full = flat[: n_full * blocksize].view(n_full, blocksize)  # [n_full, blocksize]
+    absmax = full.abs().amax(dim=1)  # [n_full]
+    scaled = (full * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)  # [n_full * blocksize]
+    if rem:
+        tail = flat[n_full * blocksize :]  # [rem]
+        tail_absmax = tail.abs().amax().clamp(min=1e-38)  # bitsandbytes clamps the tail block's absmax
+        absmax = torch.cat([absmax, tail_absmax[None]])  # [n_blocks]
+        scaled = torch.cat([scaled, tail / tail_absmax])  # [n]
+    return absmax, scaled.clamp(-1.0, 1.0)
+
+
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """int [n] 4-bit indices -> uint8 [(n + 1) // 2, 1]; element 2j in the high nibble of byte j."""
+    idx = idx.reshape(-1).to(torch.uint8)
+    if idx.numel() % 2:
+        raise ValueError("pack_nibbles needs an even count; pad with the index of 0.0 first")
+    pairs = idx.view(-1, 2)  # [n / 2, 2]
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)  # [n / 2, 1]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 packed bytes (any shape) -> int64 [n] 4-bit indices (inverse of pack_nibbles)."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    pairs = torch.stack([flat >> 4, flat & 0xF], dim=1)  # [n_bytes, 2]
+    return pairs.reshape(-1)[:n].long()  # [n]
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 absmax [n_blocks] -> (codes uint8 [n_blocks], absmax2 fp32 [ceil(n_blocks/256)], offset fp32 [], code2)."""
+    code2 = create_dynamic_map(signed=True)
+    offset = absmax.mean()
+    codes, absmax2 = quantize_blockwise(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
+    return codes, absmax2, offset, code2
+
+
+def quantize_4bit(
+    tensor: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize a float tensor to packed 4-bit codes; see the module docstring for the layout.
+
+    Returns ``(packed uint8 [(n + 1) // 2, 1], QuantState)``.
+    """
+    check_quant_args(quant_type, blocksize)
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize_4bit: tensor dtype must be one of {_FLOAT_DTYPES}, got {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError("quantize_4bit: tensor is empty")
+    code = get_code(quant_type).to(tensor.device)
+    absmax, scaled = _block_scale(tensor, blocksize)  # [n_blocks], [n]
+    scaled = torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))  # [n rounded up to even]
+    packed = pack_nibbles(_nearest_index(scaled, code))  # [(n + 1) // 2, 1]
+    state = QuantState(tensor.shape, tensor.dtype, blocksize, quant_type, absmax, code)
+    if double_quant:
+        codes, absmax2, offset, code2 = double_quantize(absmax)
+        state = QuantState(
+            tensor.shape, tensor.dtype, blocksize, quant_type, codes, code,
+            offset=offset, absmax2=absmax2, code2=code2.to(tensor.device), blocksize2=DOUBLE_QUANT_BLOCKSIZE,
+        )  # fmt: skip
+    return packed, state
+
+
+def block_absmax(state: QuantState) -> torch.Tensor:
+    """fp32 [n_blocks] first-level absmax, undoing double quantization if present."""
+    if not state.nested:
+        return state.absmax.float()
+    absmax = dequantize_blockwise(state.absmax, state.absmax2, state.code2, state.blocksize2)
+    return absmax + state.offset
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``code[idx] * absmax[block]`` in fp32, cast to ``dtype`` (default: the original dtype),
+    reshaped to ``state.shape``."""
+    n = state.numel
+    if packed.numel() * 2 < n:
+        raise ValueError(f"packed holds {packed.numel() * 2} codes, state.shape {tuple(state.shape)} needs {n}")
+    absmax = block_absmax(state)  # [n_blocks]
+    n_blocks = absmax.numel()
+    values = state.code.float().to(packed.device)[unpack_nibbles(packed, n)]  # [n]
+    values = torch.nn.functional.pad(values, (0, n_blocks * state.blocksize - n))  # [n_blocks * blocksize]
+    out = values.view(n_blocks, state.blocksize) * absmax[:, None]  # [n_blocks, blocksize]
+    return out.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)

@@ -1,0 +1,93 @@
+"""Run records: metrics as JSON lines, TensorBoard when installed, a loss-curve PNG, peak memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("lorakit")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to run_dir/metrics.jsonl (and TensorBoard if present)."""
+
+    def __init__(self, run_dir: Path, resume: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except Exception:  # tensorboard not installed: JSON lines only
+            self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines written after the checkpoint we restart from."""
+        self._file.close()
+        lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
+        self.path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record.get("step", 0))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
+
+
+def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
+    """Train and validation loss against step as a PNG; None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
+        return None
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out or Path(run_dir) / "loss_curve.png")
+    fig.savefig(out)
+    plt.close(fig)
+    return out
