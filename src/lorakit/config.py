@@ -54,8 +54,6 @@ class LoraConfig:
     """Which biases train: "none", "all" (every bias in the model), "lora_only" (biases of adapted layers)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)."""
-    fan_in_fan_out: bool = False
-    """Set for layers that store the weight as [in, out] (GPT-2 Conv1D); detected automatically."""
     adapter_dtype: str = "float32"
     """dtype of the LoRA weights: "float32" (default, stable updates) or "compute" (the base layer's dtype)."""
 

@@ -1,0 +1,36 @@
+"""`lorakit merge`: base + adapter -> one plain 16-bit transformers folder (+ tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..lora.io import load_adapter
+from ..lora.merge import MergeReport, merge
+from ..model.load import load_model
+from ..utils.fs import atomic_dir
+
+# Sample text for --verify when the caller gives none: varied words, digits and punctuation.
+VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384,400 km to the Moon; "
+               "question: what is 12 * 7? answer: 84.")
+
+
+def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optional[str] = None,
+                    precision: str = "auto", verify: bool = False, max_kl: float = 1e-3) -> Optional[MergeReport]:
+    """Load the base (in 16 bits, or dequantized from 4 bits with `quantization` to merge onto exactly
+    the weights a QLoRA adapter was trained against), add the adapter, merge in fp32, save."""
+    model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision)
+    load_adapter(model, adapter, trainable=False)
+    sample = None
+    if verify:
+        if tokenizer is None:
+            raise FileNotFoundError(f"{model_path}: --verify needs the model's tokenizer")
+        sample = tokenizer(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    merged = merge(model, verify=sample, max_kl=max_kl)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return getattr(merged, "lorakit_merge_report", None)

@@ -1,0 +1,95 @@
+"""`lorakit` commands end to end on a tiny model folder with a real tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorakit.cli import main
+from lorakit.train.log import read_metrics
+
+from tiny_tokenizers import make_tokenizer
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = make_tokenizer("plain")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      initializer_range=0.2)  # a wider init than 0.02 lets LoRA alone move the frozen head's logits
+    folder = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rows = [{"instruction": f"Name animal number {i % 8}.", "context": "", "response": ANIMALS[i % 8]} for i in range(40)]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_eval_merge_generate(model_dir, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", "--model", str(model_dir), "--data", str(data_file), "--no-progress",
+               "--lora.r", "8", "--train.max_steps", "30", "--train.lr", "1e-2", "--train.precision", "fp32",
+               "--train.output_dir", str(run), "--train.eval_every", "10", "--set", "data.val_size=8",
+               "--set", "model.quantization=nf4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "best validation loss" in out and "peak memory" in out
+    records = read_metrics(run)
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert len(train_losses) == 30 and train_losses[-1] < 0.5 * train_losses[0]
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "loss_curve.png").is_file()
+
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(run / "best_adapter"), "--data", str(data_file),
+                 "--precision", "fp32", "--quantization", "nf4", "--exact-match", "8", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "exact match" in out
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run / "adapter"), "--out", str(merged),
+                 "--quantization", "nf4", "--precision", "fp32", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement 100.00%" in out
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert plain.config.vocab_size == len(make_tokenizer("plain"))
+
+    assert main(["generate", "--model", str(merged), "--prompt", "Name animal number 3.", "--template", "alpaca",
+                 "--max-new-tokens", "4", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_resume_flag_continues(model_dir, data_file, tmp_path, capsys):
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--no-progress", "--train.max_steps", "4",
+            "--train.output_dir", str(tmp_path), "--train.save_every", "2", "--train.precision", "fp32"]
+    assert main(args) == 0
+    assert main(args + ["--resume", "--train.max_steps", "6"]) == 0
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_data_preview(model_dir, data_file, capsys):
+    assert main(["data", "preview", "--data", str(data_file), "--model", str(model_dir), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[[" in out and "40" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "x.jsonl"], "model.name_or_path is not set"),
+    (["train", "--model", "/nonexistent/model", "--data", "x.jsonl"], "does not exist"),
+    (["train", "--model", "m", "--data", "d", "--lora.r", "0"], "lora.r=0 is not allowed"),
+    (["train", "--model", "m", "--data", "d", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+])
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,57 @@
+"""Offline tokenizers for tests: a byte-level BPE trained on a few sentences, wrapped in
+transformers.PreTrainedTokenizerFast. No hub downloads."""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nWhat is the capital of France?\n\n### Input:\nEurope\n\n### Response:\nParis is the capital.",
+    "The quick brown fox jumps over the lazy dog. Hello world, how are you today?",
+    "system user assistant: You are a helpful assistant. Tell me a joke about cats and dogs.",
+    "prompt completion text data tokens labels loss packing examples numbers 0123456789",
+]
+
+# A ChatML template whose end-of-turn marker is EOS (like Qwen2-Instruct's).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A template whose end-of-turn marker is not EOS and that strips the content (like Llama-3's).
+STRIP_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|end|>"]
+
+
+def _bpe() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return tok
+
+
+def make_tokenizer(kind: str):
+    """kind: "plain" (no BOS, no chat template, pad != eos), "pad_eos" (pad == eos),
+    "chatml" (chat template ending turns with EOS = <|im_end|>), "llama" (adds BOS; template with
+    <|end|> turns, stripped content)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe()
+    if kind == "llama":
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    eos = "<|im_end|>" if kind == "chatml" else "</s>"
+    pad = eos if kind == "pad_eos" else "<pad>"
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token=pad,
+                                additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|end|>"])
+    if kind == "chatml":
+        t.chat_template = CHATML_TEMPLATE
+    elif kind == "llama":
+        t.chat_template = STRIP_TEMPLATE
+    return t
