@@ -184,3 +184,21 @@ def test_run_folder_has_metrics_curve_and_adapter(tmp_path):
     end = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["peak_memory_bytes"] > 0 and result.peak_memory_bytes > 0
     assert math.isfinite(result.final_train_loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    examples = make_examples(3, seed=11)
+    grads = []
+    for ckpt in (False, True):
+        model = adapted()
+        for _, layer in lorakit.lora.inject.lora_layers(model):
+            torch.manual_seed(0)
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
+        grads.append(lora_grads(model))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
