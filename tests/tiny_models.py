@@ -3,6 +3,8 @@
 import torch
 import transformers
 
+from lorakit.data.tokenize import IGNORE_INDEX
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=160, max_position_embeddings=128)
 
@@ -29,3 +31,15 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overri
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(dtype)
     return model.eval()
+
+
+def make_examples(n, seed=0, vocab=160, min_len=5, max_len=14):
+    """Token examples of unequal length: the first 3 tokens are the 'prompt' (masked)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(1, vocab, (length,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * 3 + ids[3:]
+        out.append({"input_ids": ids, "labels": labels})
+    return out

@@ -9,28 +9,16 @@ import torch
 import lorakit
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
 from lorakit.data import collate
-from lorakit.data.tokenize import IGNORE_INDEX
 from lorakit.train import checkpoint as ckpt_mod
 from lorakit.train import loop as loop_mod
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.loop import accumulate_gradients, train
+from lorakit.model.load import enable_gradient_checkpointing
 from lorakit.train.loss import causal_lm_loss_sum, count_supervised
 
-from tiny_models import tiny_model
+from tiny_models import make_examples, tiny_model
 
 PAD = 0
-
-
-def make_examples(n, seed=0, vocab=160, min_len=5, max_len=14):
-    """Token examples of unequal length: the first 3 tokens are the 'prompt' (masked)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        ids = torch.randint(1, vocab, (length,), generator=g).tolist()
-        labels = [IGNORE_INDEX] * 3 + ids[3:]
-        out.append({"input_ids": ids, "labels": labels})
-    return out
 
 
 def adapted(seed=0, dropout=0.0, **kw):
@@ -195,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.manual_seed(0)
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         model.train()
         accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
         grads.append(lora_grads(model))

@@ -174,6 +174,7 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
 def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
           device: torch.device) -> None:
     from ..lora.inject import replace_module
+    from ..lora.layer import is_conv1d
 
     if targets:
         from ..quant.linear4bit import Linear4bit
@@ -188,6 +189,8 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
             module_name, _, attr = name.rpartition(".")
             if module_name in targets and attr == "weight":
                 old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
+                if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
+                    tensor = tensor.t()
                 replace_module(model, module_name, Linear4bit.from_weight(
                     tensor.to(device), getattr(old, "bias", None), quant_type=cfg.quantization,
                     blocksize=cfg.blocksize, double_quant=cfg.double_quant, compute_dtype=dtype))
@@ -222,3 +225,13 @@ def load_tokenizer_for(folder: Path, trust_remote_code: bool = False):
         log.warning("%s has no tokenizer files; returning tokenizer=None", folder)
         return None
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad).
+    transformers >= 5 calls it activation checkpointing; older versions gradient checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import RunConfig
 from ..data import build_examples, load_records, split_records, stats_text
 from ..lora.inject import add_lora, format_trainable
-from ..model.load import load_model
+from ..model.load import enable_gradient_checkpointing, load_model
 from ..train.loop import TrainResult, train
 
 log = logging.getLogger("lorakit")
@@ -45,7 +45,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
     if tokenizer is None:
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     add_lora(model, cfg.lora)
     log.info("%s", format_trainable(model))
     train_ex, val_ex = prepare_data(cfg, tokenizer)
