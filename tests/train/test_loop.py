@@ -184,6 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
         if ckpt:
             enable_gradient_checkpointing(model)
+            assert model.is_activation_checkpointing
         model.train()
         accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
         grads.append(lora_grads(model))
