@@ -87,6 +87,7 @@ def cmd_train(args) -> int:
         print(f"best validation loss {r.best_val_loss:.4f} at step {r.best_step} -> {r.run_dir / 'best_adapter'}")
     print(f"final adapter -> {r.run_dir / 'adapter'}; metrics -> {r.run_dir / 'metrics.jsonl'}")
     print(f"peak memory {r.peak_memory_bytes / 2**20:.0f} MiB")
+    print(f"report -> {r.run_dir / 'report.html'}")
     return 0
 
 
@@ -101,8 +102,8 @@ def cmd_generate(args) -> int:
     prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
     if prompt is None:
         raise ConfigError("give --prompt TEXT or --prompt-file FILE")
-    if args.template == "alpaca":
-        prompt = format_prompt(prompt, args.context or "")
+    if args.template in ("alpaca", "alpaca_short"):
+        prompt = format_prompt(prompt, args.context or "", args.template)
     elif args.template == "chat":
         prompt = chat_prompt([{"role": "user", "content": prompt}], tokenizer)
     print(generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0])
@@ -143,7 +144,7 @@ def cmd_eval(args) -> int:
     from .recipes.evaluate import evaluate_dataset
 
     model, tokenizer = _load_for_inference(args)
-    res = evaluate_dataset(model, tokenizer, args.data, fmt=args.format, max_seq_len=args.max_seq_len,
+    res = evaluate_dataset(model, tokenizer, args.data, fmt=args.format, template=args.template, max_seq_len=args.max_seq_len,
                            exact_match_limit=args.exact_match, max_new_tokens=args.max_new_tokens)
     print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['examples']} examples)")
     if "exact_match" in res:
@@ -175,6 +176,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipes import sweep as sweep_cmd
+    from .report import html as report_cmd
+
     parser = argparse.ArgumentParser(prog="lorakit", allow_abbrev=False,
                                      description="Fine-tune causal LMs with LoRA and QLoRA on the hardware you have.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -184,12 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="train several ranks / methods / learning rates on the same data and compare them",
+                       allow_abbrev=False)
+    sweep_cmd.add_arguments(p)
+    p.set_defaults(func=sweep_cmd.main)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run or sweep folder")
+    report_cmd.add_arguments(p)
+    p.set_defaults(func=report_cmd.main)
+
     p = sub.add_parser("generate", help="generate text from a model (+ adapter)", allow_abbrev=False)
     _add_model_args(p)
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", help="read the prompt from a file")
-    p.add_argument("--template", choices=["raw", "alpaca", "chat"], default="raw",
-                   help="raw text, the alpaca/dolly instruction template used in training, or the chat template")
+    p.add_argument("--template", choices=["raw", "alpaca", "alpaca_short", "chat"], default="raw",
+                   help="raw text, the alpaca/dolly instruction template used in training (data.template), or the chat template")
     p.add_argument("--context", help="input/context section for --template alpaca")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -214,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="data file (.jsonl/.json/.csv/.parquet)")
     p.add_argument("--format", default="auto", help="row format (auto-detected by default)")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "alpaca_short"], help="prompt template (as data.template in training)")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--exact-match", type=int, default=0, metavar="N",
                    help="also generate answers for the first N rows and score exact match (0: off)")

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -114,6 +114,8 @@ class DataConfig:
     """Training data: a .jsonl/.json/.csv/.parquet file, or a Hugging Face dataset id when online."""
     format: str = "auto"
     """Row format: auto (detected from the fields), dolly, alpaca, chat, prompt_completion or text."""
+    template: str = "alpaca"
+    """Prompt template of dolly/alpaca rows: "alpaca" (with its one-sentence preamble) or "alpaca_short" (without)."""
     val_path: Optional[str] = None
     """A separate validation file; if unset, val_size rows are held out from `path`."""
     val_size: float = 0.1
@@ -127,6 +129,7 @@ class DataConfig:
 
     def __post_init__(self):
         _allowed("data.format", self.format, DATA_FORMATS)
+        _allowed("data.template", self.template, ("alpaca", "alpaca_short"))
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len!r} is not allowed; use an integer >= 8")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:

@@ -95,7 +95,7 @@ def build_examples(records: list[dict], tokenizer, cfg) -> tuple[list[dict], "Da
     examples = []
     for i, record in enumerate(records):
         try:
-            segments = render(record, fmt, tokenizer)
+            segments = render(record, fmt, tokenizer, cfg.template)
         except DataError as e:
             where = f"{cfg.path}: " if cfg.path else ""
             raise DataError(f"{where}row {i + 1} (format {fmt!r}): {e}") from None

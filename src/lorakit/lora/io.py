@@ -24,7 +24,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..utils.fs import atomic_dir
 from .inject import add_lora, lora_layers
-from .layer import LoRALinear, ModulesToSave
+from .layer import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import quantized
 from .targets import is_linear, name_matches, output_head_names
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,9 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(compute_dtype, device)
     folder = resolve_model_path(name_or_path)
+    stored_info = quantized.read_quantization_info(folder)  # a save_quantized folder: reload its 4-bit bytes
+    if stored_info is not None:
+        quantized.check_requested(stored_info, folder, cfg.quantization)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -163,8 +166,13 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
         for key, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[key] = buf.to(device)
-    targets = quantize_targets(model, cfg.skip_modules) if cfg.quantization else set()
-    _fill(model, folder, targets, cfg, dtype, device)
+    stored = None
+    if stored_info is not None:
+        targets = set(stored_info["modules"])
+        stored = quantized.StoredQuantizedLayers(stored_info, dtype, device)
+    else:
+        targets = quantize_targets(model, cfg.skip_modules) if cfg.quantization else set()
+    _fill(model, folder, targets, cfg, dtype, device, stored)
     model.eval()
     model.config._name_or_path = name_or_path
     tokenizer = load_tokenizer_for(folder, trust_remote_code) if load_tokenizer else None
@@ -172,7 +180,7 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
 
 
 def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
-          device: torch.device) -> None:
+          device: torch.device, stored: Optional[quantized.StoredQuantizedLayers] = None) -> None:
     from ..lora.inject import replace_module
     from ..lora.layer import is_conv1d
 
@@ -182,6 +190,10 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
     unexpected = []
     for file in checkpoint_files(folder):
         for name, tensor in iter_safetensors(file):
+            if stored is not None and stored.accepts(name):  # already 4-bit: kept as stored
+                stored.add(model, name, tensor)
+                expected.discard(name.rpartition(".")[0] + ".weight")
+                continue
             if name not in expected:
                 unexpected.append(name)
                 continue
@@ -191,9 +203,9 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
                 old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
                 if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
                     tensor = tensor.t()
-                replace_module(model, module_name, Linear4bit.from_weight(
-                    tensor.to(device), getattr(old, "bias", None), quant_type=cfg.quantization,
-                    blocksize=cfg.blocksize, double_quant=cfg.double_quant, compute_dtype=dtype))
+                replace_module(model, module_name, quantized.quantize_linear(  # = Linear4bit.from_weight, in chunks
+                    tensor.to(device), getattr(old, "bias", None), cfg.quantization, cfg.blocksize,
+                    cfg.double_quant, dtype))
                 continue  # the 16-bit weight is dropped here
             value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             module = model.get_submodule(module_name)
@@ -201,6 +213,8 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
                 module.bias = nn.Parameter(value, requires_grad=False)  # bias stored after its weight
             else:
                 _set_tensor(model, name, value)
+    if stored is not None:
+        stored.finish(folder)
     _tie_head(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

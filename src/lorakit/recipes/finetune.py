@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+
+import torch
 from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..data import build_examples, load_records, split_records, stats_text
 from ..lora.inject import add_lora, format_trainable
 from ..model.load import enable_gradient_checkpointing, load_model
+from ..report.html import write_report
+from ..report.summary import write_run_info
 from ..train.loop import TrainResult, train
 
 log = logging.getLogger("lorakit")
@@ -46,9 +50,12 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    torch.manual_seed(cfg.train.seed)  # the LoRA initialisation is part of the run's seed
     add_lora(model, cfg.lora)
     log.info("%s", format_trainable(model))
     train_ex, val_ex = prepare_data(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = train(model, train_ex, val_ex, cfg, pad_id=pad_id, resume=resume, progress=progress)
+    write_run_info(result.run_dir, cfg, model)  # trainable parameters, predicted peak memory
+    write_report(result.run_dir)                 # report.html, self-contained
     return FinetuneOutput(result, model, tokenizer)

@@ -9,11 +9,11 @@ import torch
 from ..data.formats import CHATML, render
 
 
-def prompt_and_answer(record: dict, fmt: str, tokenizer=None) -> tuple[str, str]:
+def prompt_and_answer(record: dict, fmt: str, tokenizer=None, template: str = "alpaca") -> tuple[str, str]:
     """(prompt text, reference answer) for a row: the prompt is everything before the last
     supervised run of segments, exactly as training rendered it; the answer is that run's text
     without a chat end-of-turn marker."""
-    segments = render(record, fmt, tokenizer)
+    segments = render(record, fmt, tokenizer, template)
     last = max(i for i, (_, sup) in enumerate(segments) if sup)
     first = last
     while first > 0 and segments[first - 1][1]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
-import torch
 
 from ..lora.io import load_adapter
 from ..lora.merge import MergeReport, merge

@@ -162,9 +162,10 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     (run_dir / "run_config.yaml").write_text(config_yaml, encoding="utf-8")
 
-    state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "last_eval": None}
-    metrics = MetricsWriter(run_dir, resume=resume)
+    state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "last_eval": None,
+             "seconds": 0.0, "tokens": 0}
     ckpt = latest_checkpoint(run_dir) if resume else None
+    metrics = MetricsWriter(run_dir, resume=ckpt is not None)
     if ckpt is not None:
         saved = load_checkpoint(ckpt, model)
         optimizer.load_state_dict(saved["optimizer"])
@@ -179,7 +180,8 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
 
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter(), 0, 0, False, "completed"
+    # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
+    t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
     loss_value, window = float("nan"), []
     while state["step"] < total_steps:
         step = state["step"]
@@ -223,6 +225,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
                                          f"in {tc.early_stopping_patience} evaluations (best {state['best_val']:.4f} "
                                          f"at step {state['best_step']})")
         if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopped:
+            state["seconds"], state["tokens"] = time.perf_counter() - t0, tokens_seen
             save_checkpoint(run_dir, step, model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                                    "scaler": scaler.state_dict(), "loop": dict(state)}, config_yaml)
             best = run_dir / f"checkpoint-{state['best_step']:06d}" if state["best_step"] else None
@@ -231,7 +234,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
             break
     bar.close()
     elapsed = time.perf_counter() - t0
-    if math.isfinite(loss_value) and not (stopped and reason.startswith("stopped:")):
+    if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
         save_adapter(model, run_dir / "adapter")
     peak = peak_memory_bytes(device)
     metrics.write({"step": state["step"], "event": "end", "reason": reason, "peak_memory_bytes": peak,
