@@ -206,6 +206,9 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
                 replace_module(model, module_name, quantized.quantize_linear(  # = Linear4bit.from_weight, in chunks
                     tensor.to(device), getattr(old, "bias", None), cfg.quantization, cfg.blocksize,
                     cfg.double_quant, dtype))
+                del tensor, old
+                if device.type == "cpu":
+                    quantized.release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes
                 continue  # the 16-bit weight is dropped here
             value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             module = model.get_submodule(module_name)
