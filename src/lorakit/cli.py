@@ -176,6 +176,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipes import quant_report as quant_report_cmd
     from .recipes import sweep as sweep_cmd
     from .report import html as report_cmd
 
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-on-inputs", action="store_true")
     q.add_argument("-n", type=int, default=3, help="examples to show")
     q.set_defaults(func=cmd_data_preview)
+
+    p = sub.add_parser("quant-report", help="4-bit quantization quality per layer (nf4/fp4/int4): error, KL, perplexity")
+    quant_report_cmd.add_arguments(p)
+    p.set_defaults(func=quant_report_cmd.main)
 
     p = sub.add_parser("demo", help="QLoRA end to end on the built-in tiny model and data (CPU, offline, minutes)")
     p.add_argument("--out", default="runs/demo", help="run folder")

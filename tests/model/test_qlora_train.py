@@ -104,17 +104,11 @@ def test_merge_of_bf16_checkpoint_gives_bf16_layers(tmp_path):
     torch.testing.assert_close(_logits(merged, ids), unmerged, atol=0.25, rtol=0.05)  # bf16 weights
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="lora/merge.py writes merged layers in the checkpoint dtype (bf16) while "
-                                       "the rest of a compute_dtype='fp32' model is fp32, so forward fails on "
-                                       "a dtype mismatch (reported to the lead)")
 def test_merge_of_bf16_checkpoint_loaded_in_fp32_runs(tmp_path, input_ids):
     model = _qlora_model("qwen2", tmp_path / "src", dtype=torch.bfloat16, compute_dtype="fp32")
     lorakit.merge(model, verify=input_ids)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="lora/merge.py dense_copy turns a 4-bit layer that replaced a GPT-2 "
-                                       "Conv1D into nn.Linear, so save_pretrained writes [out, in] where "
-                                       "transformers expects Conv1D's [in, out] (reported to the lead)")
 def test_merged_4bit_gpt2_reloads_in_transformers(tmp_path, input_ids):
     from transformers import AutoModelForCausalLM
 

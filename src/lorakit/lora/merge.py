@@ -18,20 +18,22 @@ from .layer import LoRALinear, ModulesToSave, dense_weight, is_conv1d
 
 
 def _dense_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a merged copy of `layer` is written in: its weight's, or for a 4-bit layer the
-    dtype the weight had before quantization (16-bit for a 16-bit checkpoint)."""
-    state = getattr(layer, "quant_state", None)
-    if state is not None:
-        return state.dtype
+    """The dtype a merged copy of `layer` is written in: its weight's, or for a 4-bit layer its
+    compute dtype, the dtype of the model's other dense weights (16-bit in a 16-bit model)."""
+    if hasattr(layer, "compute_dtype"):
+        return layer.compute_dtype
     return layer.weight.dtype
 
 
 def dense_copy(layer: nn.Module, weight_out_in: torch.Tensor) -> nn.Module:
-    """A new plain layer of `layer`'s kind holding `weight_out_in` ([out, in], any float dtype)."""
+    """A new plain layer of `layer`'s kind holding `weight_out_in` ([out, in], any float dtype):
+    a Conv1D for a Conv1D or for a 4-bit layer that replaced one (GPT-2), else an nn.Linear."""
     dtype = _dense_dtype(layer)
     bias = getattr(layer, "bias", None)
-    if is_conv1d(layer):
-        new = type(layer)(layer.nf, weight_out_in.shape[1])  # Conv1D(nf=out, nx=in)
+    if is_conv1d(layer) or getattr(layer, "replaces_conv1d", False):
+        from transformers.pytorch_utils import Conv1D
+
+        new = Conv1D(weight_out_in.shape[0], weight_out_in.shape[1])  # Conv1D(nf=out, nx=in)
         new.weight = nn.Parameter(weight_out_in.t().contiguous().to(dtype), requires_grad=False)  # [in, out]
     else:
         new = nn.Linear(weight_out_in.shape[1], weight_out_in.shape[0], bias=bias is not None, device="meta")

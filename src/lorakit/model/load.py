@@ -203,9 +203,11 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
                 old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
                 if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
                     tensor = tensor.t()
-                replace_module(model, module_name, quantized.quantize_linear(  # = Linear4bit.from_weight, in chunks
+                layer = quantized.quantize_linear(  # = Linear4bit.from_weight, in chunks
                     tensor.to(device), getattr(old, "bias", None), cfg.quantization, cfg.blocksize,
-                    cfg.double_quant, dtype))
+                    cfg.double_quant, dtype)
+                layer.replaces_conv1d = is_conv1d(old)  # merge writes a Conv1D back (lora/merge.py)
+                replace_module(model, module_name, layer)
                 del tensor, old
                 if device.type == "cpu":
                     quantized.release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes

@@ -328,8 +328,9 @@ class StoredQuantizedLayers:
             raise ValueError(f"{module}.weight_packed: stored 4-bit weight has shape {tuple(state.shape)}, the "
                              f"model expects {expected}; is this checkpoint for {type(model).__name__}?")
         packed = parts["weight_packed"].reshape(expected[0], expected[1] // 2)  # [out, in/2]
-        replace_module(model, module, linear4bit_from_quantized(packed, state, getattr(old, "bias", None),
-                                                                self.compute_dtype))
+        layer = linear4bit_from_quantized(packed, state, getattr(old, "bias", None), self.compute_dtype)
+        layer.replaces_conv1d = is_conv1d(old)  # merge writes a Conv1D back (lora/merge.py)
+        replace_module(model, module, layer)
         self.built.add(module)
 
     def finish(self, folder: Path) -> None:
