@@ -78,10 +78,15 @@ def check_quant_args(quant_type: str, blocksize: int) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
+def code_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [15] midpoints between the sorted code values, int64 [16] sorted position -> index)."""
+    sorted_code, order = torch.sort(code, stable=True)  # FP4's two zeros: index 0 before 8
+    return (sorted_code[:-1] + sorted_code[1:]) / 2, order  # [15], [16]
+
+
 def _nearest_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """int64 index into ``code`` of the nearest value; an exact midpoint goes to the lower value."""
-    sorted_code, order = torch.sort(code, stable=True)  # FP4's two zeros: index 0 before 8
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2  # [15]
+    midpoints, order = code_midpoints(code)
     return order[torch.searchsorted(midpoints, scaled, side="left")]
 
 
@@ -132,25 +137,42 @@ def quantize_4bit(
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize a float tensor to packed 4-bit codes; see the module docstring for the layout.
 
-    Returns ``(packed uint8 [(n + 1) // 2, 1], QuantState)``.
+    Returns ``(packed uint8 [(n + 1) // 2, 1], QuantState)``. Runs a registered fast kernel when
+    one accepts the input (byte-identical, see quant/kernels), else the reference below.
     """
     check_quant_args(quant_type, blocksize)
     if tensor.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"quantize_4bit: tensor dtype must be one of {_FLOAT_DTYPES}, got {tensor.dtype}")
     if tensor.numel() == 0:
         raise ValueError("quantize_4bit: tensor is empty")
+    from . import kernels
+
+    out = kernels.dispatch("quantize_4bit", tensor, quant_type, blocksize, double_quant)
+    return out if out is not None else quantize_4bit_reference(tensor, quant_type, blocksize, double_quant)
+
+
+def quantize_4bit_reference(
+    tensor: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """The plain-PyTorch quantize_4bit (arguments already checked by quantize_4bit)."""
     code = get_code(quant_type).to(tensor.device)
     absmax, scaled = _block_scale(tensor, blocksize)  # [n_blocks], [n]
     scaled = torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))  # [n rounded up to even]
     packed = pack_nibbles(_nearest_index(scaled, code))  # [(n + 1) // 2, 1]
-    state = QuantState(tensor.shape, tensor.dtype, blocksize, quant_type, absmax, code)
-    if double_quant:
-        codes, absmax2, offset, code2 = double_quantize(absmax)
-        state = QuantState(
-            tensor.shape, tensor.dtype, blocksize, quant_type, codes, code,
-            offset=offset, absmax2=absmax2, code2=code2.to(tensor.device), blocksize2=DOUBLE_QUANT_BLOCKSIZE,
-        )  # fmt: skip
-    return packed, state
+    return packed, finish_quantize_4bit(tensor, quant_type, blocksize, double_quant, absmax, code)
+
+
+def finish_quantize_4bit(
+    tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, absmax: torch.Tensor, code: torch.Tensor
+) -> QuantState:
+    """The QuantState of `tensor` from its fp32 block absmax [n_blocks], double-quantized if asked."""
+    if not double_quant:
+        return QuantState(tensor.shape, tensor.dtype, blocksize, quant_type, absmax, code)
+    codes, absmax2, offset, code2 = double_quantize(absmax)
+    return QuantState(
+        tensor.shape, tensor.dtype, blocksize, quant_type, codes, code,
+        offset=offset, absmax2=absmax2, code2=code2.to(tensor.device), blocksize2=DOUBLE_QUANT_BLOCKSIZE,
+    )  # fmt: skip
 
 
 def block_absmax(state: QuantState) -> torch.Tensor:
@@ -163,10 +185,20 @@ def block_absmax(state: QuantState) -> torch.Tensor:
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``code[idx] * absmax[block]`` in fp32, cast to ``dtype`` (default: the original dtype),
-    reshaped to ``state.shape``."""
+    reshaped to ``state.shape``. Runs a registered fast kernel when one accepts the input
+    (bit-identical, see quant/kernels), else the reference below."""
     n = state.numel
     if packed.numel() * 2 < n:
         raise ValueError(f"packed holds {packed.numel() * 2} codes, state.shape {tuple(state.shape)} needs {n}")
+    from . import kernels
+
+    out = kernels.dispatch("dequantize_4bit", packed, state, dtype)
+    return out if out is not None else dequantize_4bit_reference(packed, state, dtype)
+
+
+def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The plain-PyTorch dequantize_4bit (the definition every kernel is tested against)."""
+    n = state.numel
     absmax = block_absmax(state)  # [n_blocks]
     n_blocks = absmax.numel()
     values = state.code.float().to(packed.device)[unpack_nibbles(packed, n)]  # [n]
