@@ -77,6 +77,28 @@ def test_resume_flag_continues(model_dir, data_file, tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_fit_memory_keeps_the_effective_batch(model_dir, data_file, tmp_path, capsys, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="lorakit")
+    assert main(["train", "--model", str(model_dir), "--data", str(data_file), "--no-progress", "--train.max_steps", "2",
+                 "--train.output_dir", str(tmp_path), "--train.micro_batch_size", "8", "--train.grad_accum", "1",
+                 "--fit-memory", "2MiB", "--train.precision", "fp32"]) == 0
+    import re
+    fit = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit 2MiB")]
+    micro, accum = map(int, re.search(r"micro_batch_size (\d+) x grad_accum (\d+)", fit[0]).groups())
+    assert micro * accum == 8 and micro < 8  # a 2 MiB budget forces smaller micro-batches
+    assert "predicted allocated" in capsys.readouterr().out
+    assert main(["train", "--model", str(model_dir), "--data", str(data_file), "--no-progress",
+                 "--train.output_dir", str(tmp_path / "x"), "--fit-memory", "1KiB"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_estimate_command(capsys):
+    assert main(["estimate", "--model", "llama-2-7b", "--method", "qlora", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_bytes"] > 4 * 2**30 and "components" in out
+
+
 def test_data_preview(model_dir, data_file, capsys):
     assert main(["data", "preview", "--data", str(data_file), "--model", str(model_dir), "-n", "2"]) == 0
     out = capsys.readouterr().out

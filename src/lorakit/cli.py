@@ -50,6 +50,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.add_argument("--fit-memory", dest="shortcut_fit", metavar="SIZE", help="shortcut for --train.fit_memory (e.g. 15GiB)")
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} options (YAML section '{section}:')")
         docs = field_docs(cls)
@@ -65,6 +66,8 @@ def _train_config(args) -> RunConfig:
         overrides.append(f"model.name_or_path={args.shortcut_model}")
     if args.shortcut_data:
         overrides.append(f"data.path={args.shortcut_data}")
+    if args.shortcut_fit:
+        overrides.append(f"train.fit_memory={args.shortcut_fit}")
     for key, value in vars(args).items():
         if key.startswith("field:") and value is not None:
             overrides.append(f"{key[len('field:'):]}={value}")
@@ -86,7 +89,8 @@ def cmd_train(args) -> int:
     if r.best_val_loss is not None:
         print(f"best validation loss {r.best_val_loss:.4f} at step {r.best_step} -> {r.run_dir / 'best_adapter'}")
     print(f"final adapter -> {r.run_dir / 'adapter'}; metrics -> {r.run_dir / 'metrics.jsonl'}")
-    print(f"peak memory {r.peak_memory_bytes / 2**20:.0f} MiB")
+    print(f"peak memory {r.peak_memory_bytes / 2**20:.0f} MiB measured, {out.predicted_peak_bytes / 2**20:.0f} MiB "
+          f"predicted allocated (on CPU the measure is peak RSS, which includes the process itself)")
     print(f"report -> {r.run_dir / 'report.html'}")
     return 0
 
@@ -176,6 +180,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipes import estimate as estimate_cmd
     from .recipes import quant_report as quant_report_cmd
     from .recipes import sweep as sweep_cmd
     from .report import html as report_cmd
@@ -188,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune an adapter (YAML config and/or flags)", allow_abbrev=False)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("estimate", help="predict peak memory per component before a run; --fit BUDGET finds settings that fit")
+    estimate_cmd.add_arguments(p)
+    p.set_defaults(func=estimate_cmd.main)
 
     p = sub.add_parser("sweep", help="train several ranks / methods / learning rates on the same data and compare them",
                        allow_abbrev=False)

@@ -177,6 +177,9 @@ class TrainConfig:
     """Smallest validation-loss decrease that counts as an improvement."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    fit_memory: Optional[str] = None
+    """Memory budget such as "15GiB": the planner picks the largest micro-batch that fits and keeps
+    micro_batch_size * grad_accum (the effective batch) by raising grad_accum."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so fp32 logits never exist for the whole batch."""
     log_every: int = 1

@@ -1,0 +1,207 @@
+"""What a training step holds besides the weights: saved activations, loss buffers, workspace.
+
+Saved activations are the tensors autograd keeps for backward, enumerated per decoder layer of a
+Llama-style model as transformers 5 builds it (RMSNorm -> q/k/v -> RoPE -> attention -> o ->
+residual -> RMSNorm -> gate/up -> act * up -> down -> residual). Per token (N = batch * seq_len
+tokens), with compute dtype of bc bytes and LoRA A/B of ab bytes:
+
+    each RMSNorm          4*H + 4     its input in fp32 (a copy unless already fp32) + rsqrt
+                                      (the very first norm saves nothing under LoRA: the
+                                      embedding output does not require grad)
+    each group of Linear  LoRA: the input each adapted layer's lora_A saves -- one shared tensor
+    layers reading one    when ab == bc, else an ab-dtype copy per adapted layer -- plus r*ab
+    input (q/k/v, o,      per adapted layer for lora_A's output (saved by lora_B). A frozen
+    gate/up, down)        Linear or Linear4bit saves only its weight (no new memory).
+                          full: the input once, in bc.
+    attention, sdpa       (q + k + v + out) in bc + heads*4 (fp32 logsumexp): flash/efficient
+                          kernels, and transformers passes enable_gqa so k/v keep kv_heads
+    attention, eager      q, k, v repeated to `heads` in bc + heads*T*4 (fp32 softmax) + heads*T*bc
+                          (its cast back to bc, unless fp32) [+ heads*T*bc with Gemma-2 soft-capping]
+    MLP                   3*I*bc (gate, act(gate), up)
+
+plus, once: RoPE cos/sin [T, head_dim] x 2, the final norm, and the loss's supervised hidden rows
+(`train/loss.py`). With gradient checkpointing a layer keeps only its input (H*bc per token) and
+one layer at a time is recomputed in full during backward. These counts were checked tensor by
+tensor with torch.autograd.graph.saved_tensors_hooks (tests/memory/test_memory_activations.py).
+"""
+
+from __future__ import annotations
+
+from .shapes import ModelShape
+
+# Transient bytes per element of the [chunk, vocab] logits while one loss chunk runs backward on
+# train/loss.py's general path (under checkpoint: recomputed fp32 logits, the log_softmax output,
+# and the grads of both); measured with torch.profiler memory events, torch 2.13.
+LOSS_BYTES_PER_LOGIT = 12
+# Gemma-2 soft-capping adds tanh's saved output and its gradient, fp32.
+SOFTCAP_BYTES_PER_LOGIT = 8
+# quant/nf4.dequantize_4bit_reference at its peak holds the int64 nibble indices (8 B) and the fp32
+# values (4 B) of every weight of the layer it rebuilds; the weight in bc follows once those are freed.
+DEQUANT_REFERENCE_BYTES_PER_WEIGHT = 12
+# quant/dynamic.py _LUT_SIZE (65536 grid points, bitsandbytes' kLUTSize) int64 indices.
+LOOKUP_TABLE_BYTES = 65536 * 8
+
+
+def fast_loss_rows(shape: ModelShape, s) -> int:
+    """Rows per block of train/loss.py's fused head + cross-entropy, or 0 when the general
+    chunked path runs (soft-capped logits, a trained head, or a loss module without the fast path)."""
+    from ..train import loss
+
+    rows = getattr(loss, "_HEAD_ROWS", 0)
+    if not rows or not hasattr(loss, "_LinearCrossEntropySum") or shape.logit_softcap or s.method == "full":
+        return 0
+    return rows
+
+
+def _loss_grad_in_forward() -> bool:
+    """True for the fused loss that forms dL/dh in its forward pass (saves fp32 [N, H], not h)."""
+    import inspect
+
+    from ..train import loss
+
+    fn = getattr(loss, "_LinearCrossEntropySum", None)
+    return fn is not None and "with_grad" in inspect.signature(fn.forward).parameters
+
+
+def loss_saved_per_row(shape: ModelShape, s) -> int:
+    """Bytes the loss keeps for backward per supervised row (train/loss.py).
+
+    general path: the hidden row (bc per element) under checkpoint + the int64 index of the
+    boolean row selection + the bool mask. fused path: + its fp32 log-sum-exp, or, when it forms
+    the gradient in forward, that fp32 [N, H] gradient instead of the row and index."""
+    h, bc = shape.hidden, s.compute_bytes
+    if not fast_loss_rows(shape, s):
+        return h * bc + 8 + 1
+    return 4 * h + 1 if _loss_grad_in_forward() else h * bc + 8 + 1 + 4
+
+
+def dequant_bytes_per_weight(s) -> int:
+    """Transient bytes per weight while a 4-bit weight is rebuilt: the registered fast kernel for the
+    device writes the compute-dtype weight directly; the PyTorch reference needs 12 B/weight."""
+    if s.device != "cpu":
+        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT  # quant/kernels has no CUDA kernel registered
+    try:
+        from ..quant import kernels
+        from ..quant.kernels import cpu
+    except ImportError:
+        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT
+    if kernels.backend() == "reference" or not kernels.kernels("dequantize_4bit") or cpu.load() is None:
+        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT
+    return s.compute_bytes
+
+
+def _groups(shape: ModelShape) -> list[tuple[int, list[int]]]:
+    """(input width, indices into shape.linear_layers()) for Linear layers that read the same input."""
+    names = [n for n, *_ in shape.linear_layers()]
+    h, q = shape.hidden, shape.heads * shape.head_dim
+    attn_in = [i for i, n in enumerate(names) if n.startswith("self_attn.") and not n.endswith("o_proj")]
+    mlp_in = [i for i, n in enumerate(names) if n.startswith("mlp.") and not n.endswith("down_proj")]
+    return [(h, attn_in), (q, [names.index("self_attn.o_proj")]), (h, mlp_in),
+            (shape.intermediate, [names.index("mlp.down_proj")])]
+
+
+def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
+    """Per-token bytes saved for the Linear layers' backward in one decoder layer."""
+    bc, ab = s.compute_bytes, s.adapter_bytes
+    # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps its mask in the input dtype
+    mask = 1 if s.device == "cuda" else bc
+    total = 0
+    for g, (width, idx) in enumerate(_groups(shape)):
+        t = sum(row[i] for i in idx)
+        # sdpa returns its output as [B, T, heads, d] in memory, so o_proj's input (the output
+        # transposed back) is a view of a tensor attention already saved
+        shared = g == 1 and shape.attn_impl == "sdpa"
+        if s.method == "full":
+            total += 0 if shared else width * bc
+        elif t:
+            if s.lora_dropout > 0:  # each adapted layer: its dropout mask + its own dropped input
+                total += t * width * (mask + ab)
+            elif ab == bc:  # `.to(adapter dtype)` is a no-op: every lora_A saves the same tensor
+                total += 0 if shared else width * bc
+            else:
+                total += t * width * ab
+            total += t * s.rank * ab  # lora_A output, saved by lora_B
+    return total
+
+
+def _attention(shape: ModelShape, s) -> int:
+    """Per-token bytes saved by RoPE + attention in one layer."""
+    bc, d, t = s.compute_bytes, shape.head_dim, s.seq_len
+    q, kv = shape.heads * d, shape.kv_heads * d
+    v = (q + 2 * kv) if shape.fused_qkv else kv  # a fused qkv output stays alive as v's base
+    if shape.attn_impl == "eager":
+        per = 3 * q * bc if shape.kv_heads < shape.heads else (q + kv) * bc + v * bc
+        per += shape.heads * t * (4 + (bc if bc != 4 else 0))
+        per += shape.heads * t * bc if shape.attn_softcap else 0
+        return per
+    return (q + kv + q) * bc + v * bc + shape.heads * 4
+
+
+def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
+    """Bytes one decoder layer saves for backward (no checkpointing)."""
+    n = s.batch_size * s.seq_len
+    norms = shape.norms_per_layer - (1 if first and s.method != "full" else 0)
+    per_token = norms * (4 * shape.hidden + 4) + _linear_inputs(shape, s, row) + _attention(shape, s)
+    per_token += 3 * shape.intermediate * s.compute_bytes
+    return n * per_token
+
+
+def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
+    """Saved-for-backward bytes at the end of the forward pass (see the module docstring)."""
+    bc = s.compute_bytes
+    n = s.batch_size * s.seq_len
+    n_sup = s.batch_size * (s.seq_len - 1)  # every position supervised
+    layers = [layer_bytes(shape, s, row, i == 0) for i, row in enumerate(adapted)]
+    rope = 2 * s.seq_len * shape.head_dim * bc
+    final = n * (4 * shape.hidden + 4) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
+    if s.grad_ckpt:  # each layer keeps its input; backward recomputes one layer at a time
+        kept, recompute = shape.layers * n * shape.hidden * bc, max(layers)
+    else:
+        kept, recompute = sum(layers), 0
+    return {"total": kept + rope + final, "recompute": recompute, "per_layer": max(layers), "final": final + rope}
+
+
+def loss_buffer_bytes(shape: ModelShape, s) -> int:
+    """Peak transient bytes of the cross-entropy: the logits of one block of rows and their grads.
+
+    fused path: [rows, V] logits in bc, then fp32 (in place from there on); backward also casts
+    the fp32 grad back to bc: (4 + bc) bytes per logit (4 when bc is fp32), + 4 while the previous
+    block's fp32 logits are still referenced; plus the [N, H] gradient of the hidden rows (fp32, bc).
+    general path: LOSS_BYTES_PER_LOGIT per logit of a loss_chunk_size chunk."""
+    n_sup = s.batch_size * (s.seq_len - 1)
+    rows = fast_loss_rows(shape, s)
+    if rows:
+        bc = s.compute_bytes
+        per = 4 + (bc if bc != 4 else 0)
+        per += 4 if n_sup > rows else 0  # the previous block's fp32 logits live until `z` is rebound
+        return min(rows, n_sup) * shape.vocab * per + n_sup * shape.hidden * (4 + bc)  # + dL/dh in fp32 and bc
+    per = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if shape.logit_softcap else 0)
+    return min(s.loss_chunk_size, n_sup) * shape.vocab * per
+
+
+def workspace_bytes(shape: ModelShape, s, adapted, act: dict, loss: int) -> dict:
+    """Lookup tables of the 8-bit quantizers, plus the transient bytes while the decoder layers run
+    backward beyond the loss buffers (which are
+    freed by then): the recomputed layer under checkpointing, the widest dequantized 4-bit weight,
+    and the layer's gradient buffers. Returned as the excess over `loss`, so that
+    activations + logits_loss + workspace is the larger of the two peaks."""
+    n = s.batch_size * s.seq_len
+    widest = max(in_f * out_f for _, in_f, out_f, _ in shape.linear_layers())
+    dequant = dequant_bytes_per_weight(s) * widest if s.method == "qlora" else 0
+    # the MLP's backward holds grads of two [N, intermediate] tensors in the compute dtype at once
+    backward = 2 * n * shape.intermediate * s.compute_bytes
+    # a 4-bit weight is rebuilt in forward and again in backward; at either moment the layer's
+    # gradient buffers are not yet (or no longer) live, so the two transients do not add up
+    layer_peak = act["recompute"] + max(dequant, backward)
+    tables = lookup_table_bytes(s)
+    return {"total": tables + max(0, layer_peak - loss), "layer_peak": layer_peak, "dequant": dequant,
+            "backward": backward, "lookup_tables": tables}
+
+
+def lookup_table_bytes(s) -> int:
+    """quant/dynamic.py caches an int64 [65536] table per 8-bit code map it quantizes with: the
+    signed map (double quantization, 8-bit first moments) and the unsigned map (8-bit second
+    moments). They stay allocated for the process's life."""
+    signed = (s.method == "qlora" and s.double_quant) or s.optimizer.endswith("_8bit")
+    unsigned = s.optimizer.endswith("_8bit")
+    return (int(signed) + int(unsigned)) * LOOKUP_TABLE_BYTES

@@ -1,0 +1,257 @@
+"""Predict the peak memory of one training step, component by component.
+
+    peak = frozen weights + trainable weights + gradients + optimizer state      (held all run)
+         + activations saved for backward + logits/loss buffers + workspace      (during a step)
+    total = peak + runtime overhead                                              (what must fit)
+
+Every persistent component is counted tensor by tensor as lorakit stores it (4-bit codes and
+QuantState tensors as `Linear4bit` holds them, LoRA A/B in the adapter dtype, optimizer state as
+`train/optim.py` keeps it). Activations are the tensors autograd saves in each decoder layer,
+enumerated in `activations.py`. The prediction is what `torch.cuda.max_memory_allocated` (or, on
+CPU, the allocator's live bytes) reads at the peak of a step; `total` adds what the allocator
+cannot see (the CUDA context) and a margin for fragmentation of the caching allocator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Union
+
+from ..config import OPTIMIZERS
+from .activations import activation_bytes, loss_buffer_bytes, workspace_bytes
+from .shapes import ModelShape, resolve_shape
+
+METHODS = ("full", "lora", "qlora")
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DEVICES = ("cuda", "cpu")
+
+# CUDA context + library handles live outside the caching allocator, so max_memory_allocated never
+# shows them; nvidia-smi shows ~300-600 MiB per process for CUDA 12 + cuBLAS (PyTorch notes,
+# "Memory management": "the CUDA context ... typically 300-500 MB"). We take the upper end.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# The caching allocator keeps freed blocks for reuse; reserved exceeds allocated by a few percent
+# in steady training. 10% of the allocated peak is our margin for that (and for estimate error).
+FRAGMENTATION_MARGIN = 0.10
+COMPONENTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations",
+              "logits_loss", "workspace", "runtime_overhead")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a run trains; field names mirror `lorakit estimate` flags and RunConfig fields."""
+
+    method: str = "qlora"
+    """full (every weight trains), lora (16-bit frozen base) or qlora (4-bit frozen base)."""
+    seq_len: int = 512
+    """Tokens per row; the estimate assumes every row is this long and every position supervised."""
+    batch_size: int = 1
+    """Micro-batch size (rows per forward/backward)."""
+    rank: int = 16
+    """LoRA rank r."""
+    targets: Union[str, tuple[str, ...]] = "all-linear"
+    """LoRA target modules, as lora.target_modules."""
+    grad_ckpt: bool = False
+    """Gradient checkpointing of every decoder layer."""
+    optimizer: str = "adamw_torch"
+    """One of train.optimizer's values."""
+    dtype: str = "bf16"
+    """Compute dtype of the frozen weights and activations: bf16, fp16 or fp32."""
+    loss_chunk_size: int = 1024
+    """Rows per chunk of the cross-entropy (train.loss_chunk_size)."""
+    device: str = "cuda"
+    """cuda: paged optimizer state lives in host memory; cpu: every tensor counts."""
+    attn_impl: str = ""
+    """sdpa or eager; empty = the model family's default."""
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    lora_dropout: float = 0.0
+    adapter_dtype: str = "float32"
+    """float32 (lorakit's default) or compute."""
+
+    def __post_init__(self):
+        def check(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+        check("method", self.method, METHODS)
+        check("optimizer", self.optimizer, OPTIMIZERS)
+        check("dtype", self.dtype, tuple(DTYPES))
+        check("device", self.device, DEVICES)
+        check("attn_impl", self.attn_impl, ("", "sdpa", "eager"))
+        check("adapter_dtype", self.adapter_dtype, ("float32", "compute"))
+        for name in ("seq_len", "batch_size", "rank", "loss_chunk_size", "blocksize"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be an integer >= 1")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} is not allowed; a causal-LM row needs >= 2 tokens")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def adapter_bytes(self) -> int:
+        return 4 if self.adapter_dtype == "float32" else self.compute_bytes
+
+
+@dataclass
+class Estimate:
+    model: str
+    settings: Settings
+    components: dict[str, int]
+    n_params: int
+    trainable_params: int
+    details: dict = field(default_factory=dict)
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        """What max_memory_allocated should read: every component but the runtime overhead."""
+        return sum(v for k, v in self.components.items() if k != "runtime_overhead")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    def to_dict(self) -> dict:
+        from .shapes import gpu_table
+
+        return {"model": self.model, "settings": asdict(self.settings), "n_params": self.n_params,
+                "trainable_params": self.trainable_params, "components": dict(self.components),
+                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
+                "fits": {gpu: self.total_bytes <= cap for gpu, cap in gpu_table().items()},
+                "details": self.details}
+
+
+# ---------------------------------------------------------------- which layers, how stored
+
+
+def adapted_layers(shape: ModelShape, targets) -> list[list[bool]]:
+    """Per decoder layer, per entry of shape.linear_layers(): is it a LoRA target? Names are
+    matched as `model.layers.{i}.{name}` with lora.target_modules semantics."""
+    from ..model.targets import ALL_LINEAR, name_matches
+
+    names = [n for n, *_ in shape.linear_layers()]
+    if targets == ALL_LINEAR:
+        return [[True] * len(names) for _ in range(shape.layers)]
+    out = [[name_matches(f"model.layers.{i}.{n}", targets) for n in names] for i in range(shape.layers)]
+    if not any(any(row) for row in out):
+        raise ValueError(f"targets={targets!r} matches no linear layer; this model's layers are named "
+                         f"{', '.join(n.split('.')[-1] for n in names)} (or use 'all-linear')")
+    return out
+
+
+def quant_state_bytes(out_f: int, in_f: int, s: Settings) -> int:
+    """Bytes of one Linear4bit's QuantState tensors (absmax, code tables, nested parts, JSON blob),
+    counted by `QuantState.nbytes` itself on meta tensors, so the two never disagree."""
+    import torch
+
+    from ..quant.nf4 import DOUBLE_QUANT_BLOCKSIZE
+    from ..quant.state import QuantState
+
+    n_blocks = math.ceil(out_f * in_f / s.blocksize)
+    meta = dict(device="meta")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
+    if s.double_quant:
+        state = QuantState((out_f, in_f), dt, s.blocksize, s.quant_type, torch.empty(n_blocks, dtype=torch.uint8, **meta),
+                           torch.empty(16, **meta), offset=torch.empty((), **meta),
+                           absmax2=torch.empty(math.ceil(n_blocks / DOUBLE_QUANT_BLOCKSIZE), **meta),
+                           code2=torch.empty(256, **meta), blocksize2=DOUBLE_QUANT_BLOCKSIZE)
+    else:
+        state = QuantState((out_f, in_f), dt, s.blocksize, s.quant_type, torch.empty(n_blocks, **meta),
+                           torch.empty(16, **meta))
+    return state.nbytes()
+
+
+def linear4bit_bytes(out_f: int, in_f: int, s: Settings) -> int:
+    """packed uint8 [out, in/2] + QuantState (Linear4bit.nbytes_weight)."""
+    return out_f * in_f // 2 + quant_state_bytes(out_f, in_f, s)
+
+
+def _weights(shape: ModelShape, s: Settings, adapted: list[list[bool]]) -> dict:
+    """Frozen and trainable weight bytes and the trainable tensor sizes (for optimizer state)."""
+    bc, ab = s.compute_bytes, s.adapter_bytes
+    h = shape.hidden
+    head = 0 if shape.tied else shape.vocab * h
+    dense_other = shape.vocab * h + head + (shape.layers * shape.norms_per_layer + 1) * h  # embed, head, norms
+    rotary = 2 * (shape.head_dim // 2) * 4  # inv_freq + original_inv_freq buffers, fp32
+    frozen = rotary
+    if s.method == "full":  # fp32 master weights train; a compute-dtype copy runs forward/backward
+        n = shape.n_params()
+        frozen += 0 if bc == 4 else n * bc
+        return {"frozen": frozen, "trainable": 4 * n, "trainable_sizes": _full_tensor_sizes(shape), "grad_bytes": 4}
+    frozen += dense_other * bc
+    trainable_sizes: list[int] = []
+    from ..model.targets import name_matches
+
+    for i, row in enumerate(adapted):
+        for (name, in_f, out_f, bias), is_target in zip(shape.linear_layers(), row):
+            if s.method == "qlora" and not name_matches(f"model.layers.{i}.{name}", s.skip_modules):
+                frozen += linear4bit_bytes(out_f, in_f, s)
+            else:
+                frozen += out_f * in_f * bc
+            frozen += out_f * bc if bias else 0
+            if is_target:
+                trainable_sizes += [s.rank * in_f, out_f * s.rank]
+    return {"frozen": frozen, "trainable": sum(trainable_sizes) * ab, "trainable_sizes": trainable_sizes,
+            "grad_bytes": ab}
+
+
+def _full_tensor_sizes(shape: ModelShape) -> list[int]:
+    sizes = [shape.vocab * shape.hidden] + ([] if shape.tied else [shape.vocab * shape.hidden]) + [shape.hidden]
+    for _ in range(shape.layers):
+        for _, in_f, out_f, bias in shape.linear_layers():
+            sizes += [in_f * out_f] + ([out_f] if bias else [])
+        sizes += [shape.hidden] * shape.norms_per_layer
+    return sizes
+
+
+def optimizer_state_bytes(sizes: list[int], param_bytes: int, s: Settings) -> int:
+    """Bytes of optimizer state on the training device, per train/optim.py.
+
+    adamw_torch: exp_avg + exp_avg_sq in the param dtype, + a 4-byte fp32 `step` tensor per param
+    (torch.optim.AdamW with fused=True). lorakit AdamW: fp32 moments (8 B/param), or for tensors of
+    >= MIN_8BIT_SIZE elements uint8 codes (2 B/param) + fp32 absmax per 256; `step` is an int.
+    paged_*: the state lives in host memory, so on CUDA it costs no device memory.
+    """
+    from ..train.optim import BLOCKSIZE, MIN_8BIT_SIZE
+
+    if s.optimizer.startswith("paged_") and s.device == "cuda":
+        return 0
+    if s.optimizer == "adamw_torch":
+        return sum(2 * n * param_bytes + 4 for n in sizes)
+    eight = s.optimizer.endswith("_8bit")
+    total = 0
+    for n in sizes:
+        if eight and n >= MIN_8BIT_SIZE:
+            total += 2 * n + 2 * 4 * math.ceil(n / BLOCKSIZE)
+        else:
+            total += 8 * n
+    return total
+
+
+def estimate(model, settings: Settings = Settings(), **overrides) -> Estimate:
+    """Predict the peak memory of a training step of `model` (anything `resolve_shape` takes)."""
+    s = replace(settings, **overrides) if overrides else settings
+    shape = resolve_shape(model)
+    if s.attn_impl:
+        shape = replace(shape, attn_impl=s.attn_impl)
+    adapted = adapted_layers(shape, s.targets) if s.method != "full" else [[True] * len(shape.linear_layers())] * shape.layers
+    w = _weights(shape, s, adapted)
+    sizes = w["trainable_sizes"]
+    state = optimizer_state_bytes(sizes, w["grad_bytes"], s)
+    act = activation_bytes(shape, s, adapted)
+    loss = loss_buffer_bytes(shape, s)
+    work = workspace_bytes(shape, s, adapted, act, loss)
+    comps = {"frozen_weights": w["frozen"], "trainable_weights": w["trainable"], "gradients": w["trainable"],
+             "optimizer_state": state, "activations": act["total"], "logits_loss": loss, "workspace": work["total"]}
+    allocated = sum(comps.values())
+    context = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
+    comps["runtime_overhead"] = context + int(FRAGMENTATION_MARGIN * allocated)
+    trainable = sum(sizes)
+    return Estimate(shape.name, s, comps, shape.n_params(), trainable,
+                    details={"activations": act, "workspace": work, "attn_impl": shape.attn_impl})

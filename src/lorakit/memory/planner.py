@@ -1,0 +1,176 @@
+"""Fit a run into a memory budget: the planner behind `estimate --fit` and `train --fit-memory`.
+
+Changes are tried cheapest first. Their cost is what they take from the run, not from memory:
+
+    smaller micro-batch + more accumulation   same result, slower steps           cost 1 per halving
+    gradient checkpointing                    ~30% more compute                   cost 2
+    8-bit optimizer state (adamw_8bit)        tiny change in the update            cost 3
+    paged optimizer state (paged_*, CUDA)     host<->device copies each step       cost 4
+    LoRA -> QLoRA (full -> LoRA)              a 4-bit base, a different model      cost 6
+    shorter sequences                         truncates the data                   cost 10 per halving
+
+A configuration fits when its predicted `total_bytes` (peak allocated + CUDA context + a 10%
+fragmentation margin) is at most the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .estimate import Estimate, Settings, estimate
+from .shapes import ModelShape, resolve_shape
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+COSTS = {"micro_batch": 1, "grad_ckpt": 2, "adamw_8bit": 3, "paged": 4, "method": 6, "seq_len": 10}
+MIN_SEQ_LEN = 128  # the planner never proposes rows shorter than this
+
+
+class DoesNotFit(ValueError):
+    """No configuration the planner may choose fits the budget."""
+
+
+def parse_size(text) -> int:
+    """'15GiB' -> 16106127360, '15GB' -> 15e9, '15G' -> GiB, '800MiB', or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size {text!r} is not understood; write e.g. 15GiB, 15GB, 800MiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class Option:
+    settings: Settings
+    grad_accum: int
+    estimate: Estimate
+    changes: list[str]
+    cost: int
+
+    @property
+    def predicted_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    def describe(self) -> str:
+        s = self.settings
+        what = ", ".join(self.changes) if self.changes else "as given"
+        return (f"{what}: micro-batch {s.batch_size} x accum {self.grad_accum}, seq {s.seq_len}, {s.method}, "
+                f"{s.optimizer}, grad-ckpt {'on' if s.grad_ckpt else 'off'} -> {format_bytes(self.predicted_bytes)}")
+
+
+def _micro_batches(effective: int) -> list[int]:
+    """Divisors of the effective batch, largest first, so micro * accum == effective exactly."""
+    return [m for m in range(effective, 0, -1) if effective % m == 0]
+
+
+def plan_micro_batch(model, settings: Settings, budget_bytes: int, effective_batch: Optional[int] = None) -> tuple[int, int, int]:
+    """Largest micro-batch (a divisor of the effective batch) whose predicted total fits the budget.
+
+    Returns (micro_batch_size, grad_accum, predicted_total_bytes) with micro * accum ==
+    effective_batch (default: settings.batch_size). Raises DoesNotFit when even 1 does not fit.
+    """
+    shape = resolve_shape(model)
+    effective = effective_batch or settings.batch_size
+    est = None
+    for micro in _micro_batches(effective):
+        est = estimate(shape, replace(settings, batch_size=micro))
+        if est.total_bytes <= budget_bytes:
+            return micro, effective // micro, est.total_bytes
+    raise DoesNotFit(f"{shape.name} does not fit in {format_bytes(budget_bytes)} with micro-batch 1 "
+                     f"(predicted {format_bytes(est.total_bytes)}); try gradient checkpointing, an 8-bit or "
+                     f"paged optimizer, QLoRA or shorter sequences (`lorakit estimate --fit`)")
+
+
+def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
+    """Every combination of the non-batch changes, with its names and cost."""
+    ckpts = [(s.grad_ckpt, [], 0)] + ([(True, ["gradient checkpointing"], COSTS["grad_ckpt"])] if not s.grad_ckpt else [])
+    opts = [(s.optimizer, [], 0)]
+    if s.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+        opts.append(("adamw_8bit" if s.optimizer == "adamw_torch" else "paged_adamw_8bit", ["8-bit optimizer"], COSTS["adamw_8bit"]))
+    if s.device == "cuda" and not s.optimizer.startswith("paged_"):
+        opts.append(("paged_adamw_8bit", ["paged 8-bit optimizer"], COSTS["adamw_8bit"] + COSTS["paged"]))
+    methods = [(s.method, [], 0)]
+    if s.method == "full":
+        methods += [("lora", ["LoRA"], COSTS["method"]), ("qlora", ["QLoRA"], COSTS["method"] + 1)]
+    elif s.method == "lora":
+        methods.append(("qlora", ["QLoRA"], COSTS["method"]))
+    seqs, t, k = [(s.seq_len, [], 0)], s.seq_len, 0
+    while t // 2 >= MIN_SEQ_LEN:
+        t, k = t // 2, k + 1
+        seqs.append((t, [f"seq_len {t}"], k * COSTS["seq_len"]))
+    out = []
+    for ck, n1, c1 in ckpts:
+        for opt, n2, c2 in opts:
+            for meth, n3, c3 in methods:
+                for seq, n4, c4 in seqs:
+                    out.append((replace(s, grad_ckpt=ck, optimizer=opt, method=meth, seq_len=seq), n1 + n2 + n3 + n4, c1 + c2 + c3 + c4))
+    return out
+
+
+def fit(model, settings: Settings, budget_bytes: int, effective_batch: Optional[int] = None, limit: int = 5) -> list[Option]:
+    """Configurations that fit, cheapest change first (at most `limit`); [] when none does."""
+    shape: ModelShape = resolve_shape(model)
+    effective = effective_batch or settings.batch_size
+    found: list[Option] = []
+    for variant, names, cost in _variants(settings):
+        for micro in _micro_batches(effective):
+            est = estimate(shape, replace(variant, batch_size=micro))
+            if est.total_bytes <= budget_bytes:
+                halvings = math.ceil(math.log2(effective / micro)) if micro < effective else 0
+                changes = names + (["smaller micro-batch"] if halvings else [])
+                found.append(Option(replace(variant, batch_size=micro), effective // micro, est, changes,
+                                    cost + halvings * COSTS["micro_batch"]))
+                break
+    found.sort(key=lambda o: (o.cost, o.predicted_bytes))
+    return found[:limit]
+
+
+def smallest(model, settings: Settings) -> Estimate:
+    """The least memory any planner option needs (micro-batch 1 and every change applied)."""
+    shape = resolve_shape(model)
+    best = None
+    for variant, _, _ in _variants(settings):
+        est = estimate(shape, replace(variant, batch_size=1))
+        if best is None or est.total_bytes < best.total_bytes:
+            best = est
+    return best
+
+
+def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings:
+    """Settings of a RunConfig (and, when given, the loaded model's real dtype and device)."""
+    dtype_name, device = None, "cuda"
+    if model is not None:
+        import torch
+
+        p = next(iter(model.parameters()))
+        device = "cuda" if p.device.type == "cuda" else "cpu"
+        frozen = [t.dtype for t in model.parameters() if t.is_floating_point() and not t.requires_grad]
+        dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(frozen[0] if frozen else torch.float32, "fp32")
+    else:  # "auto" picks bf16 on every GPU since Ampere (train/precision.py)
+        dtype_name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+    attn = ""
+    if model is not None and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+        attn = model.config._attn_implementation
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    return Settings(
+        method="qlora" if m.quantization else "lora", seq_len=seq_len or cfg.data.max_seq_len,
+        batch_size=t.micro_batch_size, rank=lo.r, targets=lo.target_modules, grad_ckpt=m.gradient_checkpointing,
+        optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size, device=device, attn_impl=attn,
+        quant_type=m.quantization or "nf4", double_quant=m.double_quant, blocksize=m.blocksize,
+        skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype)
+
+
+def predict_for_run(cfg, model, seq_len: Optional[int] = None) -> int:
+    """Predicted peak allocated bytes of a training step of `cfg` on the loaded `model` (adapted or
+    not), with rows of `seq_len` tokens (default: data.max_seq_len; pass the dataset's longest
+    tokenized row). Compare with torch.cuda.max_memory_allocated; on CPU the loop records peak RSS,
+    which also counts the Python process itself (~0.3-0.6 GiB)."""
+    return estimate(model, settings_for_run(cfg, model, seq_len)).peak_allocated_bytes
