@@ -21,10 +21,10 @@ from tiny_models import make_examples, tiny_model
 PAD = 0
 
 
-def adapted(seed=0, dropout=0.0, **kw):
+def adapted(seed=0, dropout=0.0, r=4, **kw):
     model = tiny_model("llama", **kw)
     torch.manual_seed(seed)
-    return lorakit.add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    return lorakit.add_lora(model, LoraConfig(r=r, alpha=2 * r, dropout=dropout))
 
 
 def run_cfg(tmp_path, **train_kw):
@@ -72,14 +72,16 @@ class Killed(Exception):
     pass
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, optimizer):
     examples, val = make_examples(10, seed=4), make_examples(3, seed=5)
-    full = run_cfg(tmp_path / "full", max_steps=8, grad_accum=2, save_every=3)
-    train(adapted(dropout=0.1), examples, val, full, pad_id=PAD, progress=False)
+    full = run_cfg(tmp_path / "full", max_steps=8, grad_accum=2, save_every=3, optimizer=optimizer)
+    # r=64: LoRA matrices of 4,096+ elements, so the 8-bit optimizers really keep 8-bit state
+    train(adapted(dropout=0.1, r=64), examples, val, full, pad_id=PAD, progress=False)
     want_train, want_val = _losses(tmp_path / "full")
     assert len(want_train) == 8
 
-    part = run_cfg(tmp_path / "part", max_steps=8, grad_accum=2, save_every=3)
+    part = run_cfg(tmp_path / "part", max_steps=8, grad_accum=2, save_every=3, optimizer=optimizer)
     real_save = ckpt_mod.save_checkpoint
 
     def save_then_die(run_dir, step, *a, **k):
@@ -90,11 +92,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train(adapted(dropout=0.1), examples, val, part, pad_id=PAD, progress=False)
+        train(adapted(dropout=0.1, r=64), examples, val, part, pad_id=PAD, progress=False)
     monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     # a fresh process: new model object with a different LoRA init, RNG in another state
     torch.manual_seed(1234)
-    train(adapted(seed=99, dropout=0.1), examples, val, part, pad_id=PAD, resume=True, progress=False)
+    train(adapted(seed=99, dropout=0.1, r=64), examples, val, part, pad_id=PAD, resume=True, progress=False)
     got_train, got_val = _losses(tmp_path / "part")
     assert [s for s, _ in got_train] == [s for s, _ in want_train]
     for (_, a), (_, b) in zip(got_train, want_train):
