@@ -30,8 +30,13 @@ RESULT_PREFIX = "RESULT "
 
 
 def make_checkpoint(shape: str, cache: Path = CACHE) -> Path:
-    """config.json + model.safetensors (bf16; N(0, 0.02) weights, norms 1, biases 0), written once."""
-    folder = cache / f"{shape}-random-bf16"
+    """The Qwen2-shaped checkpoint SHAPES[shape], written once into the cache."""
+    return write_random_checkpoint(cache / f"{shape}-random-bf16", SHAPES[shape])
+
+
+def write_random_checkpoint(folder: Path, shape: dict) -> Path:
+    """config.json + model.safetensors for Qwen2Config(**shape): bf16, N(0, 0.02) weights, norms 1,
+    biases 0; written once (a complete file appears under its final name or not at all)."""
     if (folder / "model.safetensors").is_file():
         return folder
     import torch
@@ -39,7 +44,7 @@ def make_checkpoint(shape: str, cache: Path = CACHE) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen2Config(**SHAPES[shape], torch_dtype="bfloat16")
+    config = Qwen2Config(**{"torch_dtype": "bfloat16", **shape})
     with torch.device("meta"):
         skeleton = Qwen2ForCausalLM(config)
     g = torch.Generator().manual_seed(0)

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 SHAPE = dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2816, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
              tie_word_embeddings=False, torch_dtype="bfloat16")
@@ -35,31 +38,8 @@ BASELINES = KINDS[:2]
 
 
 def make_checkpoint(folder: Path) -> Path:
-    """Write config.json + model.safetensors (bf16, N(0, 0.02) weights, norms 1, biases 0) once."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if (folder / "model.safetensors").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen2Config(**SHAPE)
-    with torch.device("meta"):
-        skeleton = Qwen2ForCausalLM(config)
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, p in skeleton.state_dict().items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-        elif name.endswith(".bias"):
-            tensors[name] = torch.zeros(p.shape, dtype=torch.bfloat16)
-        else:
-            tensors[name] = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config.save_pretrained(folder)
-    os.replace(tmp, folder / "model.safetensors")
-    return folder
+    """The ~336M Qwen2-shaped checkpoint of SHAPE, written once (bench/_common.py)."""
+    return C.write_random_checkpoint(folder, SHAPE)
 
 
 def model_bytes(model) -> int:

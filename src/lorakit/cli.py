@@ -60,14 +60,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                help=f"{docs.get(f.name, '')} [default: {default!r}]".replace("%", "%%"))
 
 
-def _train_config(args) -> RunConfig:
+def config_from_args(args) -> RunConfig:
+    """RunConfig from a parsed `train` (or `sweep`) command line: YAML file, then --set overrides,
+    shortcuts and --section.field flags, in that order."""
     overrides = list(args.set)
-    if args.shortcut_model:
-        overrides.append(f"model.name_or_path={args.shortcut_model}")
-    if args.shortcut_data:
-        overrides.append(f"data.path={args.shortcut_data}")
-    if args.shortcut_fit:
-        overrides.append(f"train.fit_memory={args.shortcut_fit}")
+    for attr, key in (("shortcut_model", "model.name_or_path"), ("shortcut_data", "data.path"),
+                      ("shortcut_fit", "train.fit_memory")):
+        if getattr(args, attr, None):
+            overrides.append(f"{key}={getattr(args, attr)}")
     for key, value in vars(args).items():
         if key.startswith("field:") and value is not None:
             overrides.append(f"{key[len('field:'):]}={value}")
@@ -82,7 +82,7 @@ def _train_config(args) -> RunConfig:
 def cmd_train(args) -> int:
     from .recipes.finetune import finetune
 
-    cfg = _train_config(args)
+    cfg = config_from_args(args)
     out = finetune(cfg, resume=args.resume, progress=not args.no_progress)
     r = out.result
     print(f"{r.stopped_reason}: {r.steps} steps in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s")

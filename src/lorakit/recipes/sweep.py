@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError, RunConfig, load_config, to_dict
+from ..config import ConfigError, RunConfig, to_dict
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
 from ..train.log import read_metrics
 
@@ -339,21 +339,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def config_from_args(args) -> RunConfig:
-    overrides = list(args.set)
-    if args.shortcut_model:
-        overrides.append(f"model.name_or_path={args.shortcut_model}")
-    if args.shortcut_data:
-        overrides.append(f"data.path={args.shortcut_data}")
-    cfg = load_config(args.config, overrides)
-    if not cfg.model.name_or_path:
-        raise ConfigError("model.name_or_path is not set; give --model PATH or model.name_or_path in the config")
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set; give --data FILE or data.path in the config")
-    return cfg
-
-
 def main(args) -> int:
+    from ..cli import config_from_args
+
     cfg = config_from_args(args)
     ranks = parse_list(args.rank, int, "--rank")
     methods = parse_list(args.method, str, "--method") if args.method else ["qlora" if cfg.model.quantization else "lora"]
