@@ -3,29 +3,19 @@
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit.cli import main
 from lorakit.train.log import read_metrics
 
-from tiny_tokenizers import make_tokenizer
+from tiny_tokenizers import make_tokenizer, write_tiny_model_folder
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = make_tokenizer("plain")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      initializer_range=0.2)  # a wider init than 0.02 lets LoRA alone move the frozen head's logits
-    folder = tmp_path_factory.mktemp("model")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -55,3 +55,20 @@ def make_tokenizer(kind: str):
     elif kind == "llama":
         t.chat_template = STRIP_TEMPLATE
     return t
+
+
+def write_tiny_model_folder(folder):
+    """A 2-layer Llama + the "plain" tokenizer saved as a model folder (config, safetensors,
+    tokenizer). initializer_range 0.2 (not 0.02) lets LoRA alone move the frozen head's logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer("plain")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
