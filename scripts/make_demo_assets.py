@@ -2,8 +2,9 @@
 
     python scripts/make_demo_assets.py            # writes src/lorakit/assets/demo/
 
-Runtime: about 6 minutes on an idle 2-core AVX512-BF16 CPU (0.32 s per pre-training step x 1000;
-corpus, tokenizer and dataset take ~10 s); ~12 minutes when other jobs share the cores.
+Runtime: measured 10.5 minutes (630 s) for the shipped model on a shared 2-core AVX512-BF16 CPU,
+1 torch thread: corpus, tokenizer and dataset ~10 s, then ~0.31 s per pre-training step; the run
+stopped at step 2000 (the look-up check below; the cap of 3000 steps would be ~16 minutes).
 Seeded: the corpus, the dataset and the tokenizer are identical between runs; the weights are
 identical for the same torch version and thread count (--threads, default 1).
 
@@ -16,7 +17,7 @@ The world is synthetic: ~120 lowercase English words, template sentences, word l
 records ("name: anna, city: paris, pet: cat, color: red") and alpaca-style instructions for a
 few tasks (one-field look-ups in a record, first/last word of a list, ...). The demo task
 ("Write one sentence about the person." -> "anna lives in paris.") is absent from pre-training;
-it composes two look-ups the base model already does, so a LoRA learns it in ~100 steps.
+it composes two look-ups the base model already does, so a LoRA learns it in 150-250 steps.
 """
 
 from __future__ import annotations
