@@ -128,3 +128,12 @@ def run_child(script: str, args: list[str], threads: int, timeout: float = 3600,
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"child {args} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def timed(fn) -> float:
+    """Wall seconds of one call of fn()."""
+    import time
+
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

@@ -127,15 +127,9 @@ def quantize_speed() -> dict:
     speed = {}
     for name, fn in fns.items():
         fn()
-        best = min(_timed(fn) for _ in range(5))
+        best = min(C.timed(fn) for _ in range(5))
         speed[name] = w.numel() / best / 1e9
     return speed
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:

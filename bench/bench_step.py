@@ -167,7 +167,7 @@ def kernel_speed(threads: int, compile_too: bool) -> None:
 
     def speed(fn, reps=5):
         fn()
-        best = min(_timed(fn) for _ in range(reps))
+        best = min(C.timed(fn) for _ in range(reps))
         return n / best / 1e9
 
     rows = [("dequantize", "reference", speed(lambda: nf4.dequantize_4bit_reference(packed, state, torch.bfloat16), 3)),
@@ -193,12 +193,6 @@ def kernel_speed(threads: int, compile_too: bool) -> None:
                      speed(lambda: fn(packed, state, torch.bfloat16))))
     for op, name, gws in rows:
         print(f"{op:<11} {name:<32} {gws:8.3f} G weights/s  ({threads} threads)")
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 # ---- parent --------------------------------------------------------------------------------

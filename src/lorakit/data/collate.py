@@ -49,17 +49,24 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> d
     """
     if not examples:
         raise ValueError("collate() got no examples")
-    length = _round_up(max(len(e["input_ids"]) for e in examples), pad_to_multiple_of)
-    batch = len(examples)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)  # [B, L]
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
+    input_ids, labels = _pad_ids_and_labels(examples, pad_id, pad_to_multiple_of)  # [B, L] each
+    attention_mask = torch.zeros_like(input_ids)  # [B, L]
     for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        attention_mask[b, :n] = 1
+        attention_mask[b, :len(e["input_ids"])] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _pad_ids_and_labels(rows: list[dict], pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids (pad_id) and labels (IGNORE_INDEX), both [B, L] with L the longest
+    row rounded up to `multiple`."""
+    length = _round_up(max(len(r["input_ids"]) for r in rows), multiple)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[b, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
+    return input_ids, labels
 
 
 def pack_examples(examples: list[dict], max_seq_len: int) -> list[dict]:
@@ -102,15 +109,11 @@ def collate_packed(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -
     """
     if not rows:
         raise ValueError("collate_packed() got no rows")
-    length = _round_up(max(len(r["input_ids"]) for r in rows), pad_to_multiple_of)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)  # [B, L]
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-    position_ids = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
+    input_ids, labels = _pad_ids_and_labels(rows, pad_id, pad_to_multiple_of)  # [B, L] each
+    length = input_ids.shape[1]
+    position_ids = torch.zeros_like(input_ids)  # [B, L]
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
-        input_ids[b, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
         position_ids[b, :n] = torch.tensor(r["position_ids"], dtype=torch.long)
         position_ids[b, n:] = torch.arange(length - n)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
