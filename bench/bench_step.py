@@ -52,7 +52,9 @@ def load_lorakit(folder: str, quantized: bool, gc: bool):
     model, _ = lorakit.load_model(folder, quantization="nf4" if quantized else None, double_quant=True,
                                   compute_dtype="bfloat16", load_tokenizer=False, device="cpu")
     if gc:  # as recipes/finetune.py does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lorakit.model.load import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     lorakit.add_lora(model, lorakit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                                target_modules="all-linear"))
     model.train()

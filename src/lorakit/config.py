@@ -56,6 +56,10 @@ class LoraConfig:
     """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)."""
     adapter_dtype: str = "float32"
     """dtype of the LoRA weights: "float32" (default, stable updates) or "compute" (the base layer's dtype)."""
+    branch_dtype: str = "compute"
+    """dtype of the LoRA branch's matmuls: "compute" (default: the activations' dtype, e.g. bf16, on
+    bf16 copies of the fp32 weights, as autocast does; faster, less memory) or "adapter" (cast the
+    activations to the adapter dtype, as PEFT does)."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -73,6 +77,7 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout={self.dropout!r} is not allowed; dropout must be in [0, 1)")
         _allowed("lora.bias", self.bias, BIAS_MODES)
         _allowed("lora.adapter_dtype", self.adapter_dtype, ("float32", "compute"))
+        _allowed("lora.branch_dtype", self.branch_dtype, ("compute", "adapter"))
         if not self.target_modules:
             raise ConfigError("lora.target_modules is empty; give 'all-linear', a regex, or a list of module names")
 

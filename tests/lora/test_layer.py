@@ -80,6 +80,53 @@ def test_adapter_dtype_and_output_dtype():
     assert {l.lora_A.weight.dtype for _, l in lora_layers(model)} == {torch.bfloat16}
 
 
+def _bf16_layer(branch_dtype, in_f=64, out_f=96, r=8):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(in_f, out_f).to(torch.bfloat16), r=r, alpha=16, branch_dtype=branch_dtype)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    return layer
+
+
+def test_branch_dtype_compute_and_adapter_math():
+    """bf16 base, fp32 adapter weights. "compute": the branch runs in bf16 on bf16 copies of A and B,
+    added by one addmm; "adapter": PEFT's fp32 branch, rounded once when added. Both give fp32
+    gradients for A and B, and the two modes agree to bf16 precision."""
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    fast, peft_like = _bf16_layer("compute"), _bf16_layer("adapter")
+    A, B, s = fast.lora_A.weight, fast.lora_B.weight, fast.scaling
+    base = fast.base_layer(x)
+    assert torch.equal(fast(x), torch.addmm(base, x @ A.bfloat16().t(), B.bfloat16().t(), alpha=s))
+    assert torch.equal(peft_like(x), base + ((x.float() @ A.t() @ B.t()) * s).bfloat16())
+    g = torch.randn(5, 96).to(torch.bfloat16)
+    for layer in (fast, peft_like):
+        (layer(x).float() * g.float()).sum().backward()
+        assert layer.lora_A.weight.grad.dtype == torch.float32 == layer.lora_B.weight.grad.dtype
+    for name in ("lora_A", "lora_B"):
+        got, want = getattr(fast, name).weight.grad, getattr(peft_like, name).weight.grad
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), name
+
+
+def test_branch_dtype_compute_keeps_no_fp32_copy_of_the_input():
+    """The point of "compute": autograd keeps the bf16 input it already has, never an fp32 copy of
+    it (PEFT's branch keeps one per adapted layer: 2x the input's bytes)."""
+    x = torch.randn(4, 32, 64).to(torch.bfloat16).requires_grad_(True)
+    for mode, expect_fp32_copy in (("compute", False), ("adapter", True)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _bf16_layer(mode)(x)
+        fp32_inputs = [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
+        assert bool(fp32_inputs) == expect_fp32_copy, mode
+
+
+def test_branch_dtype_is_checked_and_reaches_the_layers():
+    with pytest.raises(lorakit.config.ConfigError, match="lora.branch_dtype='fp8'.*'compute', 'adapter'"):
+        lorakit.LoraConfig(branch_dtype="fp8")
+    with pytest.raises(ValueError, match="branch_dtype='fp8'"):
+        LoRALinear(nn.Linear(4, 4), r=2, alpha=2, branch_dtype="fp8")
+    model = lorakit.add_lora(tiny_model("llama"), lorakit.LoraConfig(r=4, branch_dtype="adapter"))
+    assert {l.branch_dtype for _, l in lora_layers(model)} == {"adapter"}
+
+
 def test_only_lora_params_get_gradients_and_base_is_bit_identical_after_step(arch, input_ids):
     model = tiny_model(arch).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

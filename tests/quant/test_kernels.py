@@ -112,7 +112,7 @@ def test_public_functions_dispatch_and_reference_backend(monkeypatch):
     w = _weights((64, 128), torch.bfloat16)
     calls = []
     original = cpu.dequantize_4bit
-    spy = kernels.Kernel("dequantize_4bit", "spy", lambda *a: calls.append(1) or original(*a))
+    spy = kernels.Kernel("dequantize_4bit", "spy", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     monkeypatch.setitem(kernels._REGISTRY, "dequantize_4bit", [spy])
     packed, state = nf4.quantize_4bit(w)
     fast = nf4.dequantize_4bit(packed, state)
@@ -128,6 +128,25 @@ def test_public_functions_dispatch_and_reference_backend(monkeypatch):
     monkeypatch.setenv("LORAKIT_KERNELS", "fastest")
     with pytest.raises(ValueError, match="LORAKIT_KERNELS='fastest'.*auto.*reference"):
         nf4.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_dequantize_into_out_buffer(backend):
+    """dequantize_4bit(..., out=buf) writes the same bits into buf (a reused buffer) and returns a
+    view of it, for every dtype and both backends; a buffer of the wrong dtype or size is refused."""
+    if backend == "auto":
+        _c_kernels_or_skip()
+    kernels.set_backend(backend)
+    packed, state = nf4.quantize_4bit_reference(_weights((48, 128), torch.bfloat16), "nf4", 64, True)
+    for dtype in DTYPES:
+        buf = torch.full((48 * 128,), float("nan"), dtype=dtype)
+        got = nf4.dequantize_4bit(packed, state, dtype, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and got.shape == (48, 128)
+        assert torch.equal(_bits(got), _bits(nf4.dequantize_4bit_reference(packed, state, dtype)))
+    with pytest.raises(ValueError, match="out must be a contiguous torch.bfloat16 tensor of 6144"):
+        nf4.dequantize_4bit(packed, state, torch.bfloat16, out=torch.empty(6144, dtype=torch.float32))
+    with pytest.raises(ValueError, match="6144 elements"):
+        nf4.dequantize_4bit(packed, state, torch.bfloat16, out=torch.empty(100, dtype=torch.bfloat16))
 
 
 def test_kernel_declines_unsupported_input():

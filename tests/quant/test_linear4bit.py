@@ -127,3 +127,33 @@ def test_quant_state_safetensors_round_trip(tmp_path, double_quant):
     assert state2.blocksize == 128 and state2.quant_type == "nf4"
     assert state2.nbytes() == state.nbytes()
     assert torch.equal(dequantize_4bit(loaded["layer.weight"], state2), dequantize_4bit(packed, state))
+
+
+def test_stacked_layers_share_scratch_buffer_correctly():
+    """Linear4bit rebuilds each weight in one reused per-thread buffer. A chain of layers of
+    different sizes (the buffer is reused and grown between them, in forward and in backward)
+    must give the outputs and input gradient of plain fp32 Linears holding the same weights, and
+    no output may alias the buffer (an earlier output must survive the later layers)."""
+    torch.manual_seed(0)
+    sizes = [64, 256, 32, 128]
+    quant = [Linear4bit.from_linear(nn.Linear(a, b), compute_dtype=torch.float32) for a, b in zip(sizes, sizes[1:])]
+    dense = []
+    for q in quant:
+        lin = nn.Linear(q.in_features, q.out_features)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(torch.float32))
+            lin.bias.copy_(q.bias)
+        dense.append(lin)
+    x1 = torch.randn(4, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    h1, h2, outs = x1, x2, []
+    for q, lin in zip(quant, dense):
+        h1, h2 = q(h1), lin(h2)
+        outs.append((h1, h1.detach().clone()))
+    for live, copy in outs:
+        assert torch.equal(live, copy)
+    torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(h1)
+    (h1 * g).sum().backward()
+    (h2 * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)

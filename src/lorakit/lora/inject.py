@@ -43,7 +43,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         base = model.get_submodule(name)
         dtype = torch.float32 if config.adapter_dtype == "float32" else compute_dtype_of(base)
         replace_module(model, name, LoRALinear(base, config.r, config.alpha, config.dropout,
-                                               config.use_rslora, adapter_dtype=dtype))
+                                               config.use_rslora, adapter_dtype=dtype,
+                                               branch_dtype=config.branch_dtype))
     _wrap_modules_to_save(model, config.modules_to_save)
     _set_bias_trainable(model, config.bias)
     model.lorakit_config = config  # read by save_adapter / merge; a plain attribute, no patching

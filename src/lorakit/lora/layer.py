@@ -4,6 +4,9 @@
 
     x: [..., in]   A: [r, in]   B: [out, r]   scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
+The branch runs in the dtype `train.precision.lora_branch_dtype` picks (default: the activations'
+dtype, on copies of the fp32 weights, as autocast does; "adapter": PEFT's fp32 branch).
+
 The wrapper keeps the original layer untouched as `base_layer` (an `nn.Linear`, a GPT-2 `Conv1D`
 whose weight is stored transposed as [in, out], or a 4-bit `Linear4bit`), so removing the adapter
 puts exactly that layer back. B starts at zero, so an adapted model starts equal to its base.
@@ -15,7 +18,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..train.precision import lora_branch_dtype
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -44,12 +50,15 @@ class LoRALinear(nn.Module):
     """A frozen `base_layer` plus `lora_B @ lora_A`, scaled by alpha / r."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = torch.float32):
+                 use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = torch.float32,
+                 branch_dtype: str = "compute"):
         super().__init__()
         in_f, out_f = linear_features(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        lora_branch_dtype(branch_dtype, torch.float32, torch.float32)  # checks the name early
+        self.branch_dtype = branch_dtype  # "compute" | "adapter": see lora_branch_dtype
         # LoRA paper eq. 4 scales by alpha / r; rsLoRA (Kalajdzievski 2023) by alpha / sqrt(r).
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.fan_in_fan_out = is_conv1d(base_layer)
@@ -74,10 +83,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_layer is not None:
             return self.merged_layer(x)
-        result = self.base_layer(x)                               # [..., out], base dtype
-        a_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)  # [..., in]
-        update = self.lora_B(self.lora_A(a_in)) * self.scaling    # [..., r] -> [..., out]
-        return result + update.to(result.dtype)
+        result = self.base_layer(x)                                          # [..., out], base dtype
+        dtype = lora_branch_dtype(self.branch_dtype, result.dtype, self.lora_A.weight.dtype)
+        a_in = self.lora_dropout(x).to(dtype)                                # [..., in]
+        u = F.linear(a_in, self.lora_A.weight.to(dtype))                     # [..., r]
+        if dtype != result.dtype:  # "adapter": update in the adapter dtype, rounded once when added
+            update = F.linear(u, self.lora_B.weight) * self.scaling          # [..., out]
+            return result + update.to(result.dtype)
+        # result + scaling * u @ B^T in one addmm: no [..., out] temporaries for the product,
+        # the scaling and a cast; backward gets g for result and scaling * (g @ B, u^T @ g).
+        y = torch.addmm(result.reshape(-1, self.out_features), u.reshape(-1, self.r),  # [N, out]
+                        self.lora_B.weight.to(dtype).t(), alpha=self.scaling)          # [N, r] @ [r, out]
+        return y.view(result.shape)
 
     # ---- merging (the math lives in lora/merge.py's merged_layer_of) ----
     def merge_(self) -> None:

@@ -8,10 +8,11 @@ tokens), with compute dtype of bc bytes and LoRA A/B of ab bytes:
     each RMSNorm          4*H + 4     its input in fp32 (a copy unless already fp32) + rsqrt
                                       (the very first norm saves nothing under LoRA: the
                                       embedding output does not require grad)
-    each group of Linear  LoRA: the input each adapted layer's lora_A saves -- one shared tensor
-    layers reading one    when ab == bc, else an ab-dtype copy per adapted layer -- plus r*ab
-    input (q/k/v, o,      per adapted layer for lora_A's output (saved by lora_B). A frozen
-    gate/up, down)        Linear or Linear4bit saves only its weight (no new memory).
+    each group of Linear  LoRA, with the branch in eb bytes (bc by default, lora.branch_dtype;
+    layers reading one    ab with "adapter"): the input each adapted layer's lora_A saves -- one
+    input (q/k/v, o,      shared tensor when eb == bc, else an eb-dtype copy per adapted layer --
+    gate/up, down)        plus r*eb per adapted layer for lora_A's output (saved by lora_B / the
+                          addmm). A frozen Linear or Linear4bit saves only its weight (no new memory).
                           full: the input once, in bc.
     attention, sdpa       (q + k + v + out) in bc + heads*4 (fp32 logsumexp): flash/efficient
                           kernels, and transformers passes enable_gqa so k/v keep kv_heads
@@ -102,7 +103,7 @@ def _groups(shape: ModelShape) -> list[tuple[int, list[int]]]:
 
 def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
     """Per-token bytes saved for the Linear layers' backward in one decoder layer."""
-    bc, ab = s.compute_bytes, s.adapter_bytes
+    bc, ab = s.compute_bytes, s.branch_bytes
     # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps its mask in the input dtype
     mask = 1 if s.device == "cuda" else bc
     total = 0
@@ -116,7 +117,7 @@ def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
         elif t:
             if s.lora_dropout > 0:  # each adapted layer: its dropout mask + its own dropped input
                 total += t * width * (mask + ab)
-            elif ab == bc:  # `.to(adapter dtype)` is a no-op: every lora_A saves the same tensor
+            elif ab == bc:  # `.to(branch dtype)` is a no-op: every lora_A saves the same tensor
                 total += 0 if shared else width * bc
             else:
                 total += t * width * ab
@@ -143,7 +144,21 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     norms = shape.norms_per_layer - (1 if first and s.method != "full" else 0)
     per_token = norms * (4 * shape.hidden + 4) + _linear_inputs(shape, s, row) + _attention(shape, s)
     per_token += 3 * shape.intermediate * s.compute_bytes
-    return n * per_token
+    return n * per_token + _branch_weight_copies(shape, s, row, first)
+
+
+def _branch_weight_copies(shape: ModelShape, s, row: list[bool], first: bool) -> int:
+    """Compute-dtype copies of A and B that a branch running in another dtype than its weights
+    saves for backward (fp32 adapters, bf16 branch): r * (in + out) * bc per adapted layer, less
+    A where the input needs no gradient (q/k/v of the first layer read the frozen embeddings)."""
+    if s.method == "full" or s.branch_bytes == s.adapter_bytes:
+        return 0
+    total = 0
+    for (name, in_f, out_f, _), on in zip(shape.linear_layers(), row):
+        if on:
+            reads_embeddings = first and name.startswith("self_attn.") and not name.endswith("o_proj")
+            total += s.rank * ((0 if reads_embeddings else in_f) + out_f) * s.branch_bytes
+    return total
 
 
 def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
@@ -164,16 +179,15 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
 def loss_buffer_bytes(shape: ModelShape, s) -> int:
     """Peak transient bytes of the cross-entropy: the logits of one block of rows and their grads.
 
-    fused path: [rows, V] logits in bc, then fp32 (in place from there on); backward also casts
-    the fp32 grad back to bc: (4 + bc) bytes per logit (4 when bc is fp32), + 4 while the previous
-    block's fp32 logits are still referenced; plus the [N, H] gradient of the hidden rows (fp32, bc).
+    fused path: [rows, V] logits in bc, then fp32 (in place from there on; the gradient is cast back
+    into the bc buffer): (4 + bc) bytes per logit (4 when bc is fp32), both freed before the next
+    block; plus the [N, H] gradient of the hidden rows (fp32, bc).
     general path: LOSS_BYTES_PER_LOGIT per logit of a loss_chunk_size chunk."""
     n_sup = s.batch_size * (s.seq_len - 1)
     rows = fast_loss_rows(shape, s)
     if rows:
         bc = s.compute_bytes
         per = 4 + (bc if bc != 4 else 0)
-        per += 4 if n_sup > rows else 0  # the previous block's fp32 logits live until `z` is rebound
         return min(rows, n_sup) * shape.vocab * per + n_sup * shape.hidden * (4 + bc)  # + dL/dh in fp32 and bc
     per = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if shape.logit_softcap else 0)
     return min(s.loss_chunk_size, n_sup) * shape.vocab * per

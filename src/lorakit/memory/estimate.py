@@ -70,6 +70,8 @@ class Settings:
     lora_dropout: float = 0.0
     adapter_dtype: str = "float32"
     """float32 (lorakit's default) or compute."""
+    branch_dtype: str = "compute"
+    """dtype of the LoRA branch's matmuls (lora.branch_dtype): compute (default) or adapter."""
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -82,6 +84,7 @@ class Settings:
         check("device", self.device, DEVICES)
         check("attn_impl", self.attn_impl, ("", "sdpa", "eager"))
         check("adapter_dtype", self.adapter_dtype, ("float32", "compute"))
+        check("branch_dtype", self.branch_dtype, ("compute", "adapter"))
         for name in ("seq_len", "batch_size", "rank", "loss_chunk_size", "blocksize"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be an integer >= 1")
@@ -97,6 +100,11 @@ class Settings:
     @property
     def adapter_bytes(self) -> int:
         return 4 if self.adapter_dtype == "float32" else self.compute_bytes
+
+    @property
+    def branch_bytes(self) -> int:
+        """Bytes per element of the LoRA branch's activations (train.precision.lora_branch_dtype)."""
+        return self.compute_bytes if self.branch_dtype == "compute" else self.adapter_bytes
 
 
 @dataclass

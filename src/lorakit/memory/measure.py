@@ -130,9 +130,16 @@ def measure_case(case: MeasureCase, device: Optional[str] = None, workdir: Optio
     s = case.settings
     from ..train.precision import resolve_dtype
 
+    from ..quant.dynamic import clear_lookup_tables
+    from ..quant.linear4bit import release_scratch
+
     dtype = resolve_dtype(s.dtype, dev)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = save_random_checkpoint(case.config, Path(tmp), dtype)
+        # buffers kept between calls (Linear4bit's dequantize buffer, the 8-bit quantizers' lookup
+        # tables) are counted in this run, whatever ran before in the process
+        release_scratch()
+        clear_lookup_tables()
         gc.collect()
         if dev.type == "cuda":
             return _measure_cuda(folder, case, dev)

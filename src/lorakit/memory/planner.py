@@ -165,7 +165,8 @@ def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings
         batch_size=t.micro_batch_size, rank=lo.r, targets=lo.target_modules, grad_ckpt=m.gradient_checkpointing,
         optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size, device=device, attn_impl=attn,
         quant_type=m.quantization or "nf4", double_quant=m.double_quant, blocksize=m.blocksize,
-        skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype)
+        skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype,
+        branch_dtype=lo.branch_dtype)
 
 
 def predict_for_run(cfg, model, seq_len: Optional[int] = None) -> int:

@@ -83,6 +83,11 @@ def _check_blocksize(blocksize: int) -> None:
 _LUT_CACHE: dict[tuple[bytes, str], torch.Tensor] = {}
 
 
+def clear_lookup_tables() -> None:
+    """Drop the cached lookup tables (built again on the next quantize call)."""
+    _LUT_CACHE.clear()
+
+
 def _lookup_table(code: torch.Tensor) -> torch.Tensor:
     """The table below for `code`, built once per (code values, device) and then reused (the
     8-bit optimizer re-quantizes its state every step with the same two codes)."""

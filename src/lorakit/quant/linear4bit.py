@@ -14,6 +14,7 @@ or, for the bias, casts. Floating-point quantization buffers keep their dtype un
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -24,6 +25,41 @@ from .state import QuantState
 
 _STATE_PREFIX = "weight_"
 _STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset", "quant_state")
+
+
+class _Scratch(threading.local):
+    """One reusable buffer per (thread, dtype, device) for dequantized weights.
+
+    Every pass of every Linear4bit rebuilds a dense weight (forward, recompute, backward: ~3 per
+    layer per step) and drops it right after one matmul. Fresh allocations of 0.2-9 MB each cost
+    page faults and leave glibc heap holes that keep RSS up (bench/SPEED.md); one buffer sized for
+    the largest layer avoids both. Safe because the weight never outlives the matmul that reads it
+    (it is not saved for backward) and each thread has its own buffer."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self.buffers.get((dtype, device))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's dequantize buffers (they are allocated again on the next forward)."""
+    _scratch.buffers.clear()
+
+
+def _dense(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """W = dequantize_4bit(packed, state) [out, in] in the thread's scratch buffer (CPU; fresh on
+    other devices, whose caching allocators already reuse memory)."""
+    if packed.device.type != "cpu":
+        return dequantize_4bit(packed, state, dtype=dtype)
+    return dequantize_4bit(packed, state, dtype=dtype, out=_scratch.get(state.numel, dtype, packed.device))
 
 
 class _Linear4bitFn(torch.autograd.Function):
@@ -40,7 +76,7 @@ class _Linear4bitFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
         ctx.save_for_backward(packed)
         ctx.state = state
-        weight = dequantize_4bit(packed, state, dtype=x.dtype)  # [out, in]
+        weight = _dense(packed, state, x.dtype)  # [out, in], scratch: dead after this matmul
         return x @ weight.t()  # [..., out]
 
     @staticmethod
@@ -48,7 +84,7 @@ class _Linear4bitFn(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(packed, ctx.state, dtype=grad_out.dtype)  # [out, in]
+            weight = _dense(packed, ctx.state, grad_out.dtype)  # [out, in], scratch
             grad_x = grad_out @ weight  # [..., in]
         return grad_x, None, None
 

@@ -183,21 +183,32 @@ def block_absmax(state: QuantState) -> torch.Tensor:
     return absmax + state.offset
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``code[idx] * absmax[block]`` in fp32, cast to ``dtype`` (default: the original dtype),
     reshaped to ``state.shape``. Runs a registered fast kernel when one accepts the input
-    (bit-identical, see quant/kernels), else the reference below."""
+    (bit-identical, see quant/kernels), else the reference below. ``out``: a contiguous tensor of
+    ``state.numel`` elements of that dtype on packed's device to write into (a reused buffer);
+    the result is then a view of it."""
     n = state.numel
     if packed.numel() * 2 < n:
         raise ValueError(f"packed holds {packed.numel() * 2} codes, state.shape {tuple(state.shape)} needs {n}")
+    dtype = dtype or state.dtype
+    if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous()
+                            or out.device != packed.device):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {packed.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
     from . import kernels
 
-    out = kernels.dispatch("dequantize_4bit", packed, state, dtype)
-    return out if out is not None else dequantize_4bit_reference(packed, state, dtype)
+    result = kernels.dispatch("dequantize_4bit", packed, state, dtype, out=out)
+    return result if result is not None else dequantize_4bit_reference(packed, state, dtype, out=out)
 
 
-def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The plain-PyTorch dequantize_4bit (the definition every kernel is tested against)."""
+    if out is not None:
+        return out.view(state.shape).copy_(dequantize_4bit_reference(packed, state, dtype))
     n = state.numel
     absmax = block_absmax(state)  # [n_blocks]
     n_blocks = absmax.numel()

@@ -50,9 +50,13 @@ def _chunk_ce_sum(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.T
     return F.cross_entropy(_head_logits(model, head, h), y, reduction="sum")
 
 
-# Rows of logits formed at once by the fast path: [128, 151936] fp32 is 78 MB (Qwen2.5's vocabulary);
-# 128 rows still keep the head matmul at full speed on CPU (measured: M=64..256 all ~100 GFLOP/s/core).
-_HEAD_ROWS = 128
+# Rows of logits formed at once by the fast path. Per block the path holds the logits in the compute
+# dtype and in fp32 (6 bytes x rows x V: 58 MB for 64 rows of Qwen2.5's 151,936-token vocabulary;
+# the gradient reuses the compute-dtype buffer). Measured on 2 CPU cores, bf16, [rows, 896] x
+# [896, 151936]: 64 rows 324 / 285 GFLOP/s (logits / gradient matmul), 128 rows 334 / 347,
+# 32 rows 220 / 196: 64 keeps the head near full speed at half the transient memory of 128, which
+# set the step's peak RSS (bench/SPEED.md).
+_HEAD_ROWS = 64
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -63,6 +67,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         lse = log(sum_v exp(z - max z)) + max z                     [c]
         loss += sum_i (lse_i - z_i[y_i])                            0-dim fp32
         with_grad: G_c = ((softmax(z) - onehot(y)).to(h.dtype) @ W).float()   [c, H]
+                   (the rounded probabilities overwrite the block's compute-dtype logits)
     backward: dL/dh = (g * G).to(h.dtype); no gradient for the frozen W (nor for y).
 
     The gradient is formed in the forward pass while the block's logits exist (as Liger-Kernel's
@@ -76,7 +81,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if with_grad else None  # [N, H]
         for start in range(0, h.shape[0], _HEAD_ROWS):
             rows = slice(start, start + _HEAD_ROWS)
-            z = (h[rows] @ weight.t()).float()                                  # [c, V]
+            zc = h[rows] @ weight.t()                                           # [c, V] compute dtype
+            z = zc.float()                                                      # [c, V] (zc itself if fp32)
             target = z.gather(1, y[rows, None]).squeeze(1)                      # [c]
             zmax = z.amax(dim=1, keepdim=True)                                  # [c, 1]
             expz = z.sub_(zmax).exp_()                                          # [c, V], in place
@@ -85,7 +91,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if with_grad:
                 p = expz.div_(denom[:, None])                                   # softmax, in place
                 p[torch.arange(p.shape[0], device=p.device), y[rows]] -= 1.0    # - onehot(y)
-                grad_h[rows] = p.to(h.dtype) @ weight                           # [c, H]
+                grad_h[rows] = zc.copy_(p) @ weight  # [c, V] rounded into zc's buffer, @ [V, H] -> [c, H]
+                del p
+            del zc, z, expz  # free this block's [c, V] buffers before the next block allocates its own
         ctx.save_for_backward(grad_h)
         ctx.dtype = h.dtype
         return total

@@ -132,9 +132,11 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def dequantize_4bit(packed: torch.Tensor, state, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+def dequantize_4bit(packed: torch.Tensor, state, dtype: Optional[torch.dtype] = None,
+                    out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """C version of nf4.dequantize_4bit_reference (bit-identical); None for inputs it does not take
-    (non-CPU tensors, odd sizes, a missing compiler), so the caller falls back to the reference."""
+    (non-CPU tensors, odd sizes, a missing compiler), so the caller falls back to the reference.
+    ``out`` (checked by the caller): written in place for bf16 / fp32, copied into for fp16."""
     dtype = dtype or state.dtype
     n = state.numel
     tensors = [packed, state.absmax, state.code] + ([state.absmax2, state.code2, state.offset] if state.nested else [])
@@ -154,14 +156,18 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: Optional[torch.dtype] = 
         offset, blocksize2 = float(state.offset), state.blocksize2
     else:
         absmax, codes, absmax2, code2, offset, blocksize2 = state.absmax.float().contiguous(), None, None, None, 0.0, 1
-    out = torch.empty(n, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-    bf16 = out.dtype == torch.bfloat16
+    direct = out is not None and dtype in (torch.bfloat16, torch.float32)
+    buf = out.reshape(-1) if direct else torch.empty(n, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    bf16 = buf.dtype == torch.bfloat16
     rc = lib.lk_dequantize_4bit(
         _ptr(packed), n, state.blocksize, _ptr(code), _ptr(absmax), _ptr(codes), _ptr(absmax2), _ptr(code2),
-        offset, blocksize2, _ptr(out) if bf16 else None, None if bf16 else _ptr(out), torch.get_num_threads())
+        offset, blocksize2, _ptr(buf) if bf16 else None, None if bf16 else _ptr(buf), torch.get_num_threads())
     if rc != 0:
         return None
-    return out.view(state.shape).to(dtype)  # fp16: rounded from the fp32 values, as the reference does
+    result = buf.view(state.shape)
+    if out is not None and not direct:
+        return out.view(state.shape).copy_(result)  # fp16: rounded from the fp32 values
+    return result.to(dtype)  # fp16: rounded from the fp32 values, as the reference does
 
 
 def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
