@@ -101,6 +101,10 @@ class ModelConfig:
     """Linear layers kept in the compute dtype when quantizing (embeddings and norms always are)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub checkpoint. Off unless you trust the source."""
+    mmap_embeddings: bool = True
+    """On CPU, map the frozen input embedding from its safetensors file (copy-on-write) instead of
+    reading it into memory: only the rows of tokens actually seen become resident (Qwen2.5-0.5B:
+    ~270 MB less peak RSS). Needs the file stored in the compute dtype; otherwise it is read."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: less memory, ~30% more compute."""
 

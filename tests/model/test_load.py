@@ -194,3 +194,38 @@ def test_bf16_compute_dtype_casts_dense_weights(tmp_path):
     assert emb.dtype == torch.bfloat16 and torch.equal(emb, original.get_input_embeddings().weight.bfloat16())
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert layer.compute_dtype == torch.bfloat16 and layer.quant_state.dtype == torch.float32  # quantized from fp32
+
+
+def _mapped_files():
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_input_embedding_is_mapped_from_the_file_copy_on_write(arch, tmp_path, input_ids):
+    """mmap_embeddings (default): the embedding weight is a view of the checkpoint file's memory
+    map (nothing read until rows are looked up), gives the same logits as reading it, and writing
+    to it changes neither the file nor another load. A file in another dtype is read and cast."""
+    original = tiny_model(arch).to(torch.bfloat16)
+    original.save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    before = file.read_bytes()
+    mapped, _ = lorakit.load_model(str(tmp_path), compute_dtype="bf16", load_tokenizer=False)
+    read, _ = lorakit.load_model(str(tmp_path), compute_dtype="bf16", load_tokenizer=False, mmap_embeddings=False)
+    emb = mapped.get_input_embeddings().weight
+    assert str(file) in _mapped_files()
+    assert torch.equal(emb, read.get_input_embeddings().weight)
+    assert torch.equal(_logits(mapped, input_ids), _logits(read, input_ids))
+    with torch.no_grad():
+        emb.zero_()  # private copy-on-write pages
+    assert file.read_bytes() == before
+    again, _ = lorakit.load_model(str(tmp_path), compute_dtype="bf16", load_tokenizer=False)
+    assert torch.equal(again.get_input_embeddings().weight, read.get_input_embeddings().weight)
+    del mapped, again, emb
+
+    fp32_dir = tmp_path / "fp32"
+    tiny_model(arch).save_pretrained(fp32_dir)
+    cast, _ = lorakit.load_model(str(fp32_dir), compute_dtype="bf16", load_tokenizer=False)
+    assert cast.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert str(fp32_dir / "model.safetensors") not in _mapped_files()

@@ -96,7 +96,10 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
 
     model, _ = load_model(str(folder), quantization="nf4" if s.method == "qlora" else None,
                           double_quant=s.double_quant, compute_dtype=s.dtype, blocksize=s.blocksize,
-                          device=device, load_tokenizer=False)
+                          device=device, load_tokenizer=False,
+                          # allocator bytes are what is measured, and the planner counts the embedding
+                          # as held memory (as on CUDA); a file-mapped one would be invisible here
+                          mmap_embeddings=False)
     if s.attn_impl:
         model.set_attn_implementation(s.attn_impl)
     if s.grad_ckpt:

@@ -7,6 +7,10 @@
 
 So the full-precision model never exists in memory: the peak is the final model plus one tensor.
 Embeddings, norms and the output head (`skip_modules`) stay in the compute dtype.
+
+On CPU the frozen input embedding is not read at all (`mmap_embeddings`): it is a copy-on-write
+memory map of its bytes in the safetensors file, so only the pages of rows the model looks up
+become resident (writes, if any, go to private pages; the file never changes).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import struct
 import warnings
 from pathlib import Path
@@ -53,16 +58,27 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, each read into its own buffer (no mmap, so memory
-    holds only what the caller keeps)."""
+def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each read into its own buffer (so memory holds only
+    what the caller keeps), except the tensors named in `mapped`: those are copy-on-write views
+    of a memory map of the file (nothing is read until a page is touched)."""
     header, base = read_safetensors_header(path)
+    view = None
     with open(path, "rb", buffering=0) as f:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _ST_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
+            size = dtype.itemsize
+            if name in mapped and end > start and (base + start) % size == 0 and (end - start) % size == 0:
+                if view is None:
+                    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # stays valid after close
+                if base + end > len(view):
+                    raise ValueError(f"{path}: truncated data for tensor {name!r}")
+                yield name, torch.frombuffer(view, dtype=dtype, count=(end - start) // size,
+                                             offset=base + start).reshape(info["shape"])
+                continue
             buf = torch.empty(end - start, dtype=torch.uint8)
             f.seek(base + start)
             if f.readinto(memoryview(buf.numpy())) != end - start:
@@ -143,16 +159,19 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_model(name_or_path: str, quantization: Optional[str] = None, double_quant: bool = True,
                compute_dtype: Union[str, torch.dtype] = "auto", blocksize: int = 64,
                skip_modules: tuple[str, ...] = ("lm_head",), trust_remote_code: bool = False,
-               device: Union[str, torch.device, None] = None, load_tokenizer: bool = True):
+               device: Union[str, torch.device, None] = None, load_tokenizer: bool = True,
+               mmap_embeddings: bool = True):
     """Load (model, tokenizer) from a local folder or hub id; `quantization` "nf4"/"fp4" stores the
-    target Linear weights in 4 bits as they are read. The model is returned in eval mode with every
+    target Linear weights in 4 bits as they are read; `mmap_embeddings` maps the input embedding
+    from the file on CPU (module docstring). The model is returned in eval mode with every
     parameter frozen (add_lora decides what trains)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..train.precision import resolve_dtype
 
     cfg = ModelConfig(name_or_path=name_or_path, quantization=quantization, double_quant=double_quant,
-                      blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code)
+                      blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code,
+                      mmap_embeddings=mmap_embeddings)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(compute_dtype, device)
     folder = resolve_model_path(name_or_path)
@@ -188,8 +207,9 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
         from ..quant.linear4bit import Linear4bit
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unexpected = []
+    mapped = frozenset(_input_embedding_names(model)) if cfg.mmap_embeddings and device.type == "cpu" else frozenset()
     for file in checkpoint_files(folder):
-        for name, tensor in iter_safetensors(file):
+        for name, tensor in iter_safetensors(file, mapped):
             if stored is not None and stored.accepts(name):  # already 4-bit: kept as stored
                 stored.add(model, name, tensor)
                 expected.discard(name.rpartition(".")[0] + ".weight")
@@ -228,6 +248,12 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
     if unexpected:
         warnings.warn(f"{folder}: ignored {len(unexpected)} checkpoint tensors the model has no place for, "
                       f"e.g. {unexpected[:3]}", stacklevel=3)
+
+
+def _input_embedding_names(model: nn.Module) -> list[str]:
+    """Parameter names of the input embedding's weight (the one tensor looked up row by row)."""
+    emb = model.get_input_embeddings()
+    return [f"{n}.weight" for n, m in model.named_modules() if m is emb and n]
 
 
 def _tie_head(model: nn.Module) -> None:

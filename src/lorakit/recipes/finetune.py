@@ -47,7 +47,8 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
     m = cfg.model
     model, tokenizer = load_model(m.name_or_path, quantization=m.quantization, double_quant=m.double_quant,
                                   compute_dtype=cfg.train.precision, blocksize=m.blocksize,
-                                  skip_modules=m.skip_modules, trust_remote_code=m.trust_remote_code)
+                                  skip_modules=m.skip_modules, trust_remote_code=m.trust_remote_code,
+                                  mmap_embeddings=m.mmap_embeddings)
     if tokenizer is None:
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
     if m.gradient_checkpointing:
