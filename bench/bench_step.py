@@ -19,7 +19,8 @@ on both sides. Kinds:
 
 Each (kind, seq, gradient checkpointing) runs in its own child process, the kinds alternating
 (lorakit, peer, lorakit, peer, ...) so load from other processes on a shared CPU hits both alike.
-A child loads, runs `--warmup` steps then `--steps` timed steps (forward + backward + optimizer
+A child imports the libraries its side uses (lorakit: torch, transformers, lorakit; the peer: torch,
+transformers, peft, bitsandbytes) and the model class's code (both need it), then loads, runs `--warmup` steps then `--steps` timed steps (forward + backward + optimizer
 step + zero_grad) and reports load time, the median step, tokens/s, peak RSS (getrusage
 ru_maxrss of the child) and the step's achieved fraction of the machine's matmul throughput,
 measured in a separate child on the step's own matmul shapes.
@@ -118,10 +119,19 @@ def child(args) -> None:
         return
     folder = str(C.make_checkpoint(args.shape))
     seq, gc = args.seq[0], args.gc[0] == "on"
-    import peft  # noqa: F401  (every child imports the same libraries before the load timer starts)
     import transformers  # noqa: F401
 
-    import lorakit  # noqa: F401
+    # Each side imports what its own training process uses, before the load timer starts: a lorakit
+    # process never loads peft or bitsandbytes (importing peft alone adds ~150 MB of RSS here).
+    if args.kind.startswith("lorakit"):
+        import lorakit  # noqa: F401
+    else:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]  # the model code both sides import
     torch.manual_seed(0)
     t0 = time.perf_counter()
     loader = load_lorakit if args.kind.startswith("lorakit") else load_peer

@@ -104,7 +104,8 @@ class ModelConfig:
     mmap_embeddings: bool = True
     """On CPU, map the frozen input embedding from its safetensors file (copy-on-write) instead of
     reading it into memory: only the rows of tokens actually seen become resident (Qwen2.5-0.5B:
-    ~270 MB less peak RSS). Needs the file stored in the compute dtype; otherwise it is read."""
+    ~270 MB less peak RSS). Needs the file stored in the compute dtype; otherwise it is read. The
+    file must not be overwritten in place while the model lives (replacing it by a new file is safe)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: less memory, ~30% more compute."""
 
