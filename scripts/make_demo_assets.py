@@ -6,7 +6,8 @@ Runtime: measured 10.5 minutes (630 s) for the shipped model on a shared 2-core 
 1 torch thread: corpus, tokenizer and dataset ~10 s, then ~0.31 s per pre-training step; the run
 stopped at step 2000 (the look-up check below; the cap of 3000 steps would be ~16 minutes).
 Seeded: the corpus, the dataset and the tokenizer are identical between runs; the weights are
-identical for the same torch version and thread count (--threads, default 1).
+identical for the same torch version and thread count (--threads, default 1). Checked 2026-11-29:
+a rebuild (670 s, torch 2.13 CPU) reproduced every shipped file byte for byte (sha256).
 
 What it writes (see src/lorakit/assets/demo/README.md):
   model/        LlamaForCausalLM (safetensors, bfloat16) + PreTrainedTokenizerFast (byte-level BPE)
