@@ -158,7 +158,14 @@ def test_parse_size():
 def test_components_grow_the_way_they_should():
     base = Settings(method="qlora", seq_len=512)
     e = estimate("llama-2-7b", base)
-    assert estimate("llama-2-7b", base, grad_ckpt=True).components["activations"] < e.components["activations"] / 4
+    plain = estimate("llama-2-7b", base, grad_ckpt=True, ckpt_replay=False).components["activations"]
+    replay = estimate("llama-2-7b", base, grad_ckpt=True).components["activations"]
+    assert plain < e.components["activations"] / 4
+    # replay keeps q/k/v/o/down outputs: 5 x 4096 bf16 values per token and layer (no GQA in Llama-2)
+    assert replay - plain == 32 * 512 * 5 * 4096 * 2
+    assert replay < e.components["activations"] / 3
+    assert estimate("llama-2-7b", base, method="lora", grad_ckpt=True).components["activations"] == \
+        estimate("llama-2-7b", base, method="lora", grad_ckpt=True, ckpt_replay=False).components["activations"]
     assert estimate("llama-2-7b", base, method="lora").components["frozen_weights"] > 3 * e.components["frozen_weights"]
     assert estimate("llama-2-7b", base, optimizer="adamw_8bit").components["optimizer_state"] < e.components["optimizer_state"] / 3
     assert estimate("llama-2-7b", base, optimizer="paged_adamw_32bit").components["optimizer_state"] == 0
@@ -223,3 +230,16 @@ def test_predict_for_run_reads_the_run_config_and_the_loaded_model(tmp_path):
     assert s.targets == ("q_proj", "v_proj")
     assert predict_for_run(cfg, model, seq_len=40) == estimate(model, s).peak_allocated_bytes
     assert settings_for_run(cfg).seq_len == 64 and settings_for_run(cfg).device == "cuda"
+
+
+def test_fit_offers_checkpointing_without_replay_when_replay_does_not_fit():
+    s = Settings(method="qlora", seq_len=4096, batch_size=1)
+    replay = estimate("llama-2-7b", s, grad_ckpt=True).total_bytes
+    plain = estimate("llama-2-7b", s, grad_ckpt=True, ckpt_replay=False).total_bytes
+    assert plain < replay
+    options = fit("llama-2-7b", s, (plain + replay) // 2, limit=50)
+    assert options and all(o.predicted_bytes <= (plain + replay) // 2 for o in options)
+    no_replay = [o for o in options if o.settings.grad_ckpt and not o.settings.ckpt_replay]
+    assert no_replay and "gradient checkpointing without replay" in no_replay[0].changes
+    assert not any(o.settings.grad_ckpt and o.settings.ckpt_replay and o.settings.seq_len == 4096
+                   and o.settings.optimizer == "adamw_torch" for o in options)

@@ -176,6 +176,54 @@ def test_run_folder_has_metrics_curve_and_adapter(tmp_path):
     assert math.isfinite(result.final_train_loss)
 
 
+def test_qlora_checkpointing_replays_small_frozen_outputs(tmp_path):
+    """QLoRA with checkpointing: the adapted 4-bit layers whose output is no wider than their
+    input (q/k/v/o/down) run once per step, their outputs replayed during recomputation; the
+    up-projections run twice; the gradients equal those without checkpointing."""
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    examples = make_examples(3, seed=11)
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        model, _ = lorakit.load_model(str(tmp_path), quantization="nf4", compute_dtype="fp32", load_tokenizer=False)
+        torch.manual_seed(0)  # the same A in both runs
+        lorakit.add_lora(model, LoraConfig(r=4, alpha=8))
+        for _, layer in lorakit.lora.inject.lora_layers(model):
+            torch.manual_seed(0)
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        if ckpt:
+            enable_gradient_checkpointing(model)
+        model.train()
+        count = {}
+        for name, module in model.named_modules():
+            if name.endswith(("self_attn.q_proj.base_layer", "mlp.down_proj.base_layer", "mlp.up_proj.base_layer")):
+                kind = name.split(".")[-2]
+                module.register_forward_hook(lambda *_, kind=kind: count.__setitem__(kind, count.get(kind, 0) + 1))
+        accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
+        grads[ckpt], calls[ckpt] = lora_grads(model), count
+    layers = len(model.model.layers)
+    assert calls[False] == {"q_proj": layers, "up_proj": layers, "down_proj": layers}
+    assert calls[True] == {"q_proj": layers, "up_proj": 2 * layers, "down_proj": layers}
+    for name in grads[False]:
+        assert torch.allclose(grads[False][name], grads[True][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_replay_refuses_an_output_that_does_not_fit():
+    from lorakit.model import checkpointing
+
+    layer = lorakit.Linear4bit(8, 4, bias=False, compute_dtype=torch.float32)
+    record, replay = checkpointing.replay_contexts()
+    with record:
+        checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+    with replay, pytest.raises(RuntimeError, match="does not fit input"):
+        checkpointing.frozen_output(layer, torch.randn(3, 8), layer)
+    with replay:
+        checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+        with pytest.raises(RuntimeError, match="more kept outputs"):
+            checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     examples = make_examples(3, seed=11)
     grads = []

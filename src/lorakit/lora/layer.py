@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.checkpointing import frozen_output
 from ..train.precision import lora_branch_dtype
 
 
@@ -83,7 +84,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_layer is not None:
             return self.merged_layer(x)
-        result = self.base_layer(x)                                          # [..., out], base dtype
+        result = frozen_output(self.base_layer, x, self.base_layer)          # [..., out], base dtype
         dtype = lora_branch_dtype(self.branch_dtype, result.dtype, self.lora_A.weight.dtype)
         a_in = self.lora_dropout(x).to(dtype)                                # [..., in]
         u = F.linear(a_in, self.lora_A.weight.to(dtype))                     # [..., r]

@@ -22,7 +22,9 @@ tokens), with compute dtype of bc bytes and LoRA A/B of ab bytes:
 
 plus, once: RoPE cos/sin [T, head_dim] x 2, the final norm, and the loss's supervised hidden rows
 (`train/loss.py`). With gradient checkpointing a layer keeps only its input (H*bc per token) and
-one layer at a time is recomputed in full during backward. These counts were checked tensor by
+one layer at a time is recomputed in full during backward; with QLoRA each layer also keeps the
+outputs of its adapted 4-bit layers that are no wider than their input, which the recomputation
+replays (model/checkpointing.py). These counts were checked tensor by
 tensor with torch.autograd.graph.saved_tensors_hooks (tests/memory/test_memory_activations.py).
 """
 
@@ -147,6 +149,16 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     return n * per_token + _branch_weight_copies(shape, s, row, first)
 
 
+def _replayed_per_token(shape: ModelShape, s, row: list[bool]) -> int:
+    """Bytes per token of the frozen 4-bit outputs a checkpointed layer keeps for replay
+    (model/checkpointing.py): adapted Linear4bit layers with out_features <= in_features."""
+    if s.method != "qlora" or not s.ckpt_replay:
+        return 0
+    skipped = set(s.skip_modules)
+    return sum(out_f * s.compute_bytes for (name, in_f, out_f, _), on in zip(shape.linear_layers(), row)
+               if on and out_f <= in_f and name.rpartition(".")[2] not in skipped)
+
+
 def _branch_weight_copies(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     """Compute-dtype copies of A and B that a branch running in another dtype than its weights
     saves for backward (fp32 adapters, bf16 branch): r * (in + out) * bc per adapted layer, less
@@ -169,8 +181,9 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
     layers = [layer_bytes(shape, s, row, i == 0) for i, row in enumerate(adapted)]
     rope = 2 * s.seq_len * shape.head_dim * bc
     final = n * (4 * shape.hidden + 4) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
-    if s.grad_ckpt:  # each layer keeps its input; backward recomputes one layer at a time
-        kept, recompute = shape.layers * n * shape.hidden * bc, max(layers)
+    if s.grad_ckpt:  # each layer keeps its input (+ replayed 4-bit outputs); backward recomputes one layer at a time
+        kept = sum(n * (shape.hidden * bc + _replayed_per_token(shape, s, row)) for row in adapted)
+        recompute = max(layers)
     else:
         kept, recompute = sum(layers), 0
     return {"total": kept + rope + final, "recompute": recompute, "per_layer": max(layers), "final": final + rope}

@@ -70,6 +70,8 @@ class Settings:
     lora_dropout: float = 0.0
     adapter_dtype: str = "float32"
     """float32 (lorakit's default) or compute."""
+    ckpt_replay: bool = True
+    """With grad_ckpt and QLoRA: small 4-bit outputs kept and replayed (model.checkpoint_replay)."""
     branch_dtype: str = "compute"
     """dtype of the LoRA branch's matmuls (lora.branch_dtype): compute (default) or adapter."""
 

@@ -91,7 +91,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
     """load_model + gradient checkpointing + add_lora + optimizer, in the order finetune() uses."""
     from ..config import LoraConfig
     from ..lora.inject import add_lora
-    from ..model.load import load_model
+    from ..model.load import enable_gradient_checkpointing, load_model
     from ..train.optim import build_optimizer
 
     model, _ = load_model(str(folder), quantization="nf4" if s.method == "qlora" else None,
@@ -103,7 +103,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
     if s.attn_impl:
         model.set_attn_implementation(s.attn_impl)
     if s.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, replay=s.ckpt_replay)  # as recipes/finetune.py does
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -63,7 +63,7 @@ class Option:
         s = self.settings
         what = ", ".join(self.changes) if self.changes else "as given"
         return (f"{what}: micro-batch {s.batch_size} x accum {self.grad_accum}, seq {s.seq_len}, {s.method}, "
-                f"{s.optimizer}, grad-ckpt {'on' if s.grad_ckpt else 'off'} -> {format_bytes(self.predicted_bytes)}")
+                f"{s.optimizer}, grad-ckpt {ckpt_label(s)} -> {format_bytes(self.predicted_bytes)}")
 
 
 def _micro_batches(effective: int) -> list[int]:
@@ -89,9 +89,21 @@ def plan_micro_batch(model, settings: Settings, budget_bytes: int, effective_bat
                      f"paged optimizer, QLoRA or shorter sequences (`lorakit estimate --fit`)")
 
 
+def ckpt_label(s: Settings) -> str:
+    """"off", "on", or "on (no replay)" when a QLoRA run recomputes its small 4-bit outputs too."""
+    if not s.grad_ckpt:
+        return "off"
+    return "on" if s.ckpt_replay or s.method != "qlora" else "on (no replay)"
+
+
 def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
     """Every combination of the non-batch changes, with its names and cost."""
-    ckpts = [(s.grad_ckpt, [], 0)] + ([(True, ["gradient checkpointing"], COSTS["grad_ckpt"])] if not s.grad_ckpt else [])
+    # (grad_ckpt, ckpt_replay): checkpointing as configured, then with replay, then plain (least memory)
+    ckpts = [((s.grad_ckpt, s.ckpt_replay), [], 0)]
+    if not s.grad_ckpt:
+        ckpts.append(((True, True), ["gradient checkpointing"], COSTS["grad_ckpt"]))
+    if not (s.grad_ckpt and not s.ckpt_replay):
+        ckpts.append(((True, False), ["gradient checkpointing without replay"], COSTS["grad_ckpt"] + 1))
     opts = [(s.optimizer, [], 0)]
     if s.optimizer in ("adamw_torch", "paged_adamw_32bit"):
         opts.append(("adamw_8bit" if s.optimizer == "adamw_torch" else "paged_adamw_8bit", ["8-bit optimizer"], COSTS["adamw_8bit"]))
@@ -110,8 +122,11 @@ def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
     for ck, n1, c1 in ckpts:
         for opt, n2, c2 in opts:
             for meth, n3, c3 in methods:
+                if ck == (True, False) and meth != "qlora" and ck != (s.grad_ckpt, s.ckpt_replay):
+                    continue  # replay only concerns 4-bit layers: same as plain checkpointing here
                 for seq, n4, c4 in seqs:
-                    out.append((replace(s, grad_ckpt=ck, optimizer=opt, method=meth, seq_len=seq), n1 + n2 + n3 + n4, c1 + c2 + c3 + c4))
+                    out.append((replace(s, grad_ckpt=ck[0], ckpt_replay=ck[1], optimizer=opt, method=meth, seq_len=seq),
+                                n1 + n2 + n3 + n4, c1 + c2 + c3 + c4))
     return out
 
 
@@ -163,6 +178,7 @@ def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings
     return Settings(
         method="qlora" if m.quantization else "lora", seq_len=seq_len or cfg.data.max_seq_len,
         batch_size=t.micro_batch_size, rank=lo.r, targets=lo.target_modules, grad_ckpt=m.gradient_checkpointing,
+        ckpt_replay=m.checkpoint_replay,
         optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size, device=device, attn_impl=attn,
         quant_type=m.quantization or "nf4", double_quant=m.double_quant, blocksize=m.blocksize,
         skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype,

@@ -272,10 +272,16 @@ def load_tokenizer_for(folder: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad).
-    transformers >= 5 calls it activation checkpointing; older versions gradient checkpointing."""
+def enable_gradient_checkpointing(model: nn.Module, replay: bool = True) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad);
+    with `replay`, the small frozen 4-bit outputs are kept and replayed instead of recomputed
+    (model/checkpointing.py). transformers >= 5 calls it activation checkpointing; older
+    versions gradient checkpointing."""
+    from .checkpointing import replay_contexts
+
     kwargs = {"use_reentrant": False}
+    if replay:
+        kwargs["context_fn"] = replay_contexts
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -69,22 +69,22 @@ class _Linear4bitFn(torch.autograd.Function):
               y = x @ W^T                          [..., out]
     backward: dL/dx = dL/dy @ W                    [..., in]   (W dequantized again)
               no gradient for the frozen 4-bit weight.
-    Saved for backward: only ``packed`` (uint8) and a reference to the state; never W.
+    Kept for backward: references to the frozen ``packed`` buffer (uint8) and the state, on the
+    context rather than through save_for_backward, so no activation is saved at all (never W);
+    gradient checkpointing can then replay this layer's output (model/checkpointing.py).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-        ctx.save_for_backward(packed)
-        ctx.state = state
+        ctx.packed, ctx.state = packed, state
         weight = _dense(packed, state, x.dtype)  # [out, in], scratch: dead after this matmul
         return x @ weight.t()  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (packed,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = _dense(packed, ctx.state, grad_out.dtype)  # [out, in], scratch
+            weight = _dense(ctx.packed, ctx.state, grad_out.dtype)  # [out, in], scratch
             grad_x = grad_out @ weight  # [..., in]
         return grad_x, None, None
 

@@ -12,7 +12,7 @@ import re
 
 from ..config import OPTIMIZERS
 from ..memory.estimate import COMPONENTS, DTYPES, METHODS, Estimate, Settings, estimate
-from ..memory.planner import fit, format_bytes, parse_size, smallest
+from ..memory.planner import ckpt_label, fit, format_bytes, parse_size, smallest
 from ..memory.shapes import gpu_table, resolve_shape
 
 _NOTES = {
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="all-linear, a regex, or comma-separated module names (q_proj,v_proj)")
     parser.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                         help="gradient checkpointing (default off)")
+    parser.add_argument("--ckpt-replay", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --grad-ckpt and qlora: keep and replay the small 4-bit outputs (default on; "
+                             "model.checkpoint_replay)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (default bf16)")
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="rows per cross-entropy chunk (default 1024)")
@@ -53,7 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if targets != "all-linear" and ("," in targets or re.fullmatch(r"[\w.]+", targets)):  # names, not a regex
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     return Settings(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                    targets=targets, grad_ckpt=args.grad_ckpt, optimizer=args.optimizer, dtype=args.dtype,
+                    targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, optimizer=args.optimizer, dtype=args.dtype,
                     loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "")
 
 
@@ -61,7 +64,7 @@ def format_table(est: Estimate) -> str:
     s = est.settings
     lines = [f"{est.model}: {s.method}, {est.n_params / 1e9:.2f}B params ({est.trainable_params:,} trainable), "
              f"seq {s.seq_len} x batch {s.batch_size}, r={s.rank}, {s.dtype}, {s.optimizer}, "
-             f"grad-ckpt {'on' if s.grad_ckpt else 'off'}, attention {est.details['attn_impl']}", ""]
+             f"grad-ckpt {ckpt_label(s)}, attention {est.details['attn_impl']}", ""]
     lines.append(f"{'component':<20} {'memory':>12}  what")
     for name in COMPONENTS:
         lines.append(f"{name:<20} {format_bytes(est.components[name]):>12}  {_NOTES[name]}")
@@ -81,6 +84,7 @@ def _fit_report(model, s: Settings, budget: int, effective: int, as_json: bool) 
                 "options": [{"changes": o.changes, "cost": o.cost, "micro_batch_size": o.settings.batch_size,
                              "grad_accum": o.grad_accum, "seq_len": o.settings.seq_len, "method": o.settings.method,
                              "optimizer": o.settings.optimizer, "grad_ckpt": o.settings.grad_ckpt,
+                             "ckpt_replay": o.settings.ckpt_replay,
                              "total_bytes": o.predicted_bytes} for o in options],
                 "smallest_total_bytes": floor.total_bytes if floor else None}
         return json.dumps(data, indent=2), 0 if options else 1
@@ -88,7 +92,7 @@ def _fit_report(model, s: Settings, budget: int, effective: int, as_json: bool) 
         floor = smallest(model, s)
         fs = floor.settings
         return (f"does not fit in {format_bytes(budget)}, even with micro-batch 1, {fs.method}, {fs.optimizer}, "
-                f"gradient checkpointing {'on' if fs.grad_ckpt else 'off'} and seq_len {fs.seq_len}: "
+                f"gradient checkpointing {ckpt_label(fs)} and seq_len {fs.seq_len}: "
                 f"that needs {format_bytes(floor.total_bytes)}"), 1
     lines = [f"fits in {format_bytes(budget)} (cheapest change first):"]
     lines += [f"  {i + 1}. {o.describe()}" for i, o in enumerate(options)]

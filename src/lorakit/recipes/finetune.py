@@ -52,7 +52,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
     if tokenizer is None:
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
     if m.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, replay=m.checkpoint_replay)
     torch.manual_seed(cfg.train.seed)  # the LoRA initialisation is part of the run's seed
     add_lora(model, cfg.lora)
     log.info("%s", format_trainable(model))

@@ -1,0 +1,89 @@
+"""Gradient checkpointing that does not recompute small frozen 4-bit outputs.
+
+Checkpointing keeps each decoder layer's input and re-runs the layer's forward during backward to
+rebuild the tensors autograd needs. With QLoRA most of that recomputation is frozen 4-bit
+matmuls, and for the layers whose output is no wider than their input (q/k/v/o and the MLP's
+down projection) the output is cheap to keep: out * T values against 2 * in * out * T FLOPs and a
+dequantization to redo. So while a checkpointed layer runs its first forward, each LoRA-wrapped
+`Linear4bit` of that kind records its output; when the same layer is recomputed in backward it
+replays the recorded tensor instead of dequantizing and multiplying again. The up-projections
+(gate/up, [T, intermediate] each: most of a layer's activations) are recomputed as before.
+
+    forward (checkpointed):  y = Linear4bit(x)          -> kept in the layer's store
+    recompute (backward):    y = store[i]               (same values, same order)
+
+Why the tensors autograd saves stay the same in both passes (torch.utils.checkpoint matches them
+one by one, and raises if their count or shapes differ): a Linear4bit saves none (its packed
+weight rides on the autograd context), and everything downstream of y runs unchanged. Measured
+effect and memory: bench/SPEED.md. Used through `context_fn` of torch.utils.checkpoint
+(non-reentrant), which gives each checkpointed call its own pair of contexts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.mode = None    # None | "record" | "replay"
+        self.store = None   # list of kept outputs of the current checkpointed call
+        self.index = 0      # next tensor to replay
+
+
+_state = _State()
+
+
+class _Mode:
+    """Context manager setting the thread's mode and store; re-enterable (a second backward with
+    retain_graph recomputes, and so replays, again)."""
+
+    def __init__(self, mode: str, store: list):
+        self.mode, self.store, self.saved = mode, store, []
+
+    def __enter__(self):
+        self.saved.append((_state.mode, _state.store, _state.index))
+        _state.mode, _state.store, _state.index = self.mode, self.store, 0
+        return self
+
+    def __exit__(self, *exc):
+        _state.mode, _state.store, _state.index = self.saved.pop()
+        return False
+
+
+def replay_contexts():
+    """`context_fn` for torch.utils.checkpoint: (record during forward, replay during recompute)."""
+    store: list = []
+    return _Mode("record", store), _Mode("replay", store)
+
+
+def keeps_output(layer: nn.Module) -> bool:
+    """A frozen 4-bit layer whose output is no wider than its input (module docstring)."""
+    from ..quant.linear4bit import Linear4bit
+
+    return (isinstance(layer, Linear4bit) and layer.out_features <= layer.in_features
+            and (layer.bias is None or not layer.bias.requires_grad))
+
+
+def frozen_output(layer: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """run(x), recorded / replayed for `keeps_output` layers inside a checkpointed call."""
+    mode = _state.mode
+    if mode is None or not keeps_output(layer):
+        return run(x)
+    if mode == "replay":
+        if _state.index >= len(_state.store):
+            raise RuntimeError("lorakit checkpoint replay: the recomputed forward asked for more kept outputs "
+                               f"({_state.index + 1}) than the forward recorded ({len(_state.store)})")
+        y = _state.store[_state.index]
+        _state.index += 1
+        if y.shape[:-1] != x.shape[:-1] or y.shape[-1] != layer.out_features:
+            raise RuntimeError(f"lorakit checkpoint replay: kept output {tuple(y.shape)} does not fit input "
+                               f"{tuple(x.shape)} of {layer}; the recomputed forward took another path")
+        return y
+    y = run(x)
+    _state.store.append(y.detach())  # the values; the recomputed graph never backpropagates into it
+    return y
