@@ -13,8 +13,8 @@ from tiny_models import make_examples, tiny_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [3, 256])
-def test_fused_head_ce_matches_general_path(monkeypatch, dtype, rows):
+@pytest.mark.parametrize("rows,cols", [(3, 7), (256, 8192), (5, 100)])
+def test_fused_head_ce_matches_general_path(monkeypatch, dtype, rows, cols):
     torch.manual_seed(0)
     model = lorakit.add_lora(tiny_model("qwen2").to(dtype), LoraConfig(r=4, alpha=8))
     for _, layer in lorakit.lora.inject.lora_layers(model):
@@ -22,6 +22,7 @@ def test_fused_head_ce_matches_general_path(monkeypatch, dtype, rows):
     batch = collate(make_examples(3, seed=2), 0)
     assert loss_mod._fast_head(model, model.get_output_embeddings(), torch.zeros(1, dtype=dtype))
     monkeypatch.setattr(loss_mod, "_HEAD_ROWS", rows)
+    monkeypatch.setattr(loss_mod, "_HEAD_COLS", cols)  # several vocabulary slices, the last one ragged
     results = []
     for fast in (True, False):
         monkeypatch.setattr(loss_mod, "_fast_head", lambda *a, fast=fast: fast)
@@ -47,3 +48,33 @@ def test_fused_head_not_used_for_trainable_or_capped_heads():
     assert loss_mod._fast_head(model, head, h)
     model.config.final_logit_softcapping = 30.0
     assert not loss_mod._fast_head(model, head, h)
+
+
+def test_fused_head_online_softmax_is_exact_when_the_max_moves_between_slices():
+    """Logits that peak in a late vocabulary slice (and are tiny in the first) must give the same
+    loss and gradient as a dense fp32 log-softmax: the running sum is rescaled, never overflows."""
+    torch.manual_seed(0)
+    vocab, hidden, n = 50, 8, 6
+    weight = torch.randn(vocab, hidden, dtype=torch.float64).float()
+    weight[-3:] *= 40.0  # the last slice holds logits ~100x larger than the first
+    h = torch.randn(n, hidden, requires_grad=True)
+    y = torch.tensor([0, 49, 10, 48, 25, 3])
+    old = loss_mod._HEAD_COLS
+    try:
+        loss_mod._HEAD_COLS = 16
+        fused = loss_mod._LinearCrossEntropySum.apply(h, weight, y, True)
+        (g_fused,) = torch.autograd.grad(fused, h)
+    finally:
+        loss_mod._HEAD_COLS = old
+    ref = torch.nn.functional.cross_entropy(h @ weight.t(), y, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, h)
+    assert torch.isfinite(fused)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_head_rejects_labels_outside_the_vocabulary():
+    weight = torch.randn(10, 4)
+    h = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"label 10 is outside the model's vocabulary \[0, 10\)"):
+        loss_mod._LinearCrossEntropySum.apply(h, weight, torch.tensor([1, 10]), True)

@@ -190,18 +190,24 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
 
 
 def loss_buffer_bytes(shape: ModelShape, s) -> int:
-    """Peak transient bytes of the cross-entropy: the logits of one block of rows and their grads.
+    """Peak transient bytes of the cross-entropy: the logits of one block and their grads.
 
-    fused path: [rows, V] logits in bc, then fp32 (in place from there on; the gradient is cast back
-    into the bc buffer): (4 + bc) bytes per logit (4 when bc is fp32), both freed before the next
-    block; plus the [N, H] gradient of the hidden rows (fp32, bc).
+    fused path: [rows, cols] logits (a block of rows times a slice of the vocabulary) in bc, then
+    fp32 (in place from there on; the rounded exponentials go back into the bc buffer): (4 + bc)
+    bytes per logit (4 when bc is fp32), freed before the next slice; the block's running gradient
+    [rows, H] in fp32 and one slice's product in bc; plus the [N, H] gradient of the hidden rows
+    (fp32, then bc).
     general path: LOSS_BYTES_PER_LOGIT per logit of a loss_chunk_size chunk."""
     n_sup = s.batch_size * (s.seq_len - 1)
     rows = fast_loss_rows(shape, s)
     if rows:
+        from ..train import loss
+
         bc = s.compute_bytes
         per = 4 + (bc if bc != 4 else 0)
-        return min(rows, n_sup) * shape.vocab * per + n_sup * shape.hidden * (4 + bc)  # + dL/dh in fp32 and bc
+        r = min(rows, n_sup)
+        cols = min(getattr(loss, "_HEAD_COLS", shape.vocab), shape.vocab)
+        return r * cols * per + r * shape.hidden * (4 + bc) + n_sup * shape.hidden * (4 + bc)
     per = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if shape.logit_softcap else 0)
     return min(s.loss_chunk_size, n_sup) * shape.vocab * per
 

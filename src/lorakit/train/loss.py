@@ -12,11 +12,12 @@ trainer divides by the supervised-token count of the whole optimizer step (the o
 normalisation happens).
 
 Fast path (the common case: a frozen bias-free Linear head, no logit soft-capping or scaling):
-`_LinearCrossEntropySum` computes the same sum in row blocks of `_HEAD_ROWS` and, when training,
-the gradient w.r.t. the hidden rows in the same pass (softmax - onehot formed in place on the
-block's logits). Per step that is 2 head matmuls instead of 3 (forward, recompute, backward) and
-~4 passes over [rows, V] fp32 instead of ~10 (log_softmax twice, its backward, dtype copies), with
-peak memory O(_HEAD_ROWS * V) whatever the chunk size. The general path stays for every other head.
+`_LinearCrossEntropySum` computes the same sum in blocks of `_HEAD_ROWS` rows by `_HEAD_COLS`
+vocabulary columns with an online softmax and, when training, the gradient w.r.t. the hidden rows
+in the same pass. Per step that is 2 head matmuls instead of 3 (forward, recompute, backward), each
+slice of the head weight read from memory once for both, and a few passes over fp32 logits that
+stay in cache; peak memory O(_HEAD_ROWS * _HEAD_COLS) whatever the vocabulary or chunk size. The
+general path stays for every other head.
 """
 
 from __future__ import annotations
@@ -50,50 +51,72 @@ def _chunk_ce_sum(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.T
     return F.cross_entropy(_head_logits(model, head, h), y, reduction="sum")
 
 
-# Rows of logits formed at once by the fast path. Per block the path holds the logits in the compute
-# dtype and in fp32 (6 bytes x rows x V: 58 MB for 64 rows of Qwen2.5's 151,936-token vocabulary;
-# the gradient reuses the compute-dtype buffer). Measured on 2 CPU cores, bf16, [rows, 896] x
-# [896, 151936]: 64 rows 324 / 285 GFLOP/s (logits / gradient matmul), 128 rows 334 / 347,
-# 32 rows 220 / 196: 64 keeps the head near full speed at half the transient memory of 128, which
-# set the step's peak RSS (bench/SPEED.md).
-_HEAD_ROWS = 64
+# Block sizes of the fast path: rows of h and vocabulary columns of the head formed at once. Per
+# block the path holds [rows, cols] logits in the compute dtype and in fp32 (6 bytes each: 12.6 MB
+# for 256 x 8192) instead of whole [rows, V] rows. Measured on 2 CPU cores, bf16, Qwen2.5's
+# [151936, 896] head, 255 rows, both head matmuls of a step: whole-vocabulary row blocks of 64 rows
+# 0.51 s (the 272 MB weight is streamed from memory once per block and matmul), vocabulary blocks of
+# 2048-32768 columns over all 255 rows 0.36-0.39 s (each [cols, H] slice of the weight is read
+# from memory once and stays in cache for the second matmul).
+_HEAD_ROWS = 256
+_HEAD_COLS = 8192
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) for a frozen head weight W [V, H], without keeping logits.
 
-    forward, per block of rows c:
-        z   = (h_c @ W^T).float()                                   [c, V]
-        lse = log(sum_v exp(z - max z)) + max z                     [c]
-        loss += sum_i (lse_i - z_i[y_i])                            0-dim fp32
-        with_grad: G_c = ((softmax(z) - onehot(y)).to(h.dtype) @ W).float()   [c, H]
-                   (the rounded probabilities overwrite the block's compute-dtype logits)
+    forward, per block of rows r, over vocabulary slices c (online softmax, as flash attention):
+        z    = (h_r @ W_c^T).float()                                 [r, c]
+        m'   = max(m, max_c z);  a = exp(m - m')                     running max, rescale factor [r]
+        e    = exp(z - m')                                           [r, c] (in place)
+        s    = a * s + sum_c e                                       running sum of exp [r]
+        acc  = a * acc + (e.to(h.dtype) @ W_c).float()               [r, H], with_grad only
+        m    = m'
+      lse_i = log s_i + m_i;  loss += sum_i (lse_i - z_i[y_i])
+      with_grad: G_r = acc / s - W[y_r]  = (softmax(z) - onehot(y)) @ W                     [r, H]
     backward: dL/dh = (g * G).to(h.dtype); no gradient for the frozen W (nor for y).
 
-    The gradient is formed in the forward pass while the block's logits exist (as Liger-Kernel's
-    fused linear cross-entropy does), so backward needs no second head matmul; it is linear in the
-    incoming scalar g, which is applied at the end. Saved: G fp32 [N, H]; never [N, V].
+    The gradient is formed in the forward pass while the logits exist (as Liger-Kernel's fused
+    linear cross-entropy does), so backward needs no second head matmul; it is linear in the
+    incoming scalar g, which is applied at the end. Each weight slice is used by both matmuls while
+    it is in cache. Saved: G fp32 [N, H]; never [N, V].
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        vocab = weight.shape[0]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
+            bad = y[(y < 0) | (y >= vocab)][0]
+            raise ValueError(f"label {int(bad)} is outside the model's vocabulary [0, {vocab}) "
+                             "(labels must be token ids or -100 to ignore a position)")
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if with_grad else None  # [N, H]
         for start in range(0, h.shape[0], _HEAD_ROWS):
             rows = slice(start, start + _HEAD_ROWS)
-            zc = h[rows] @ weight.t()                                           # [c, V] compute dtype
-            z = zc.float()                                                      # [c, V] (zc itself if fp32)
-            target = z.gather(1, y[rows, None]).squeeze(1)                      # [c]
-            zmax = z.amax(dim=1, keepdim=True)                                  # [c, 1]
-            expz = z.sub_(zmax).exp_()                                          # [c, V], in place
-            denom = expz.sum(dim=1)                                             # [c]
-            total += (denom.log() + zmax.squeeze(1) - target).sum()
+            hr, yr = h[rows], y[rows]                                                # [r, H], [r]
+            m = torch.full(yr.shape, float("-inf"), device=h.device)                 # running max [r]
+            s = torch.zeros(yr.shape, device=h.device)                               # running sum [r]
+            target = torch.zeros(yr.shape, device=h.device)                          # z_i[y_i] [r]
+            acc = torch.zeros(hr.shape, device=h.device) if with_grad else None      # [r, H] fp32
+            for v0 in range(0, vocab, _HEAD_COLS):
+                wc = weight[v0:v0 + _HEAD_COLS]                                      # [c, H] view
+                zc = hr @ wc.t()                                                     # [r, c] compute dtype
+                z = zc.float()                                                       # [r, c] (zc itself if fp32)
+                col = yr - v0
+                inside = (col >= 0) & (col < wc.shape[0])
+                picked = z.gather(1, col.clamp(0, wc.shape[0] - 1)[:, None]).squeeze(1)
+                target = torch.where(inside, picked, target)
+                m_new = torch.maximum(m, z.amax(dim=1))                              # [r]
+                a = (m - m_new).exp_()                                               # [r], 0 on the first slice
+                e = z.sub_(m_new[:, None]).exp_()                                    # [r, c] in place
+                s = s.mul_(a).add_(e.sum(dim=1))
+                if with_grad:
+                    acc.mul_(a[:, None]).add_(zc.copy_(e) @ wc)  # e rounded into zc's buffer, @ [c, H]
+                m = m_new
+                del zc, z, e  # free this slice's [r, c] buffers before the next allocates its own
+            total += (s.log() + m - target).sum()
             if with_grad:
-                p = expz.div_(denom[:, None])                                   # softmax, in place
-                p[torch.arange(p.shape[0], device=p.device), y[rows]] -= 1.0    # - onehot(y)
-                grad_h[rows] = zc.copy_(p) @ weight  # [c, V] rounded into zc's buffer, @ [V, H] -> [c, H]
-                del p
-            del zc, z, expz  # free this block's [c, V] buffers before the next block allocates its own
+                grad_h[rows] = acc.div_(s[:, None]).sub_(weight[yr].float())
         ctx.save_for_backward(grad_h)
         ctx.dtype = h.dtype
         return total
