@@ -28,22 +28,23 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* First-level absmax of block b: stored fp32, or double-quantized
- * code2[codes[b]] * absmax2[b / blocksize2] + offset (two separate fp32 roundings). */
-static inline float block_scale(int64_t b, const float* absmax, const uint8_t* codes, const float* absmax2,
-                                const float* code2, float offset, int64_t blocksize2) {
-    if (codes == NULL) return absmax[b];
-    float v = code2[codes[b]] * absmax2[b / blocksize2];
-    return v + offset;
+#ifdef LK_AVX512
+/* bf16(code[k] * scale) for k < 16 in the low 16 words of the result, rounded as f32_to_bf16 */
+static inline __m512i table_bf16(const float* code, float scale) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
 }
+#endif
 
 /* out[i] = bf16(code[idx[i]] * scale) for the 2*nbytes elements held in src; returns nothing. */
 static void block_bf16(const uint8_t* src, int64_t nbytes, const float* code, float scale, uint16_t* dst) {
-    uint16_t table[16];
-    for (int k = 0; k < 16; k++) table[k] = f32_to_bf16(code[k] * scale);
     int64_t j = 0;
 #ifdef LK_AVX512
-    __m512i tab = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)table));
+    __m512i tab = table_bf16(code, scale);
     __m512i low4 = _mm512_set1_epi32(0xF);
     for (; j + 16 <= nbytes; j += 16) {
         __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));   /* 16 x u32 */
@@ -51,7 +52,10 @@ static void block_bf16(const uint8_t* src, int64_t nbytes, const float* code, fl
         __m512i idx = _mm512_or_si512(_mm512_srli_epi32(x, 4), _mm512_slli_epi32(_mm512_and_si512(x, low4), 16));
         _mm512_storeu_si512((void*)(dst + 2 * j), _mm512_permutexvar_epi16(idx, tab));
     }
+    if (j == nbytes) return;
 #endif
+    uint16_t table[16];
+    for (int k = 0; k < 16; k++) table[k] = f32_to_bf16(code[k] * scale);
     for (; j < nbytes; j++) {
         uint8_t v = src[j];
         dst[2 * j] = table[v >> 4];
@@ -60,11 +64,9 @@ static void block_bf16(const uint8_t* src, int64_t nbytes, const float* code, fl
 }
 
 static void block_f32(const uint8_t* src, int64_t nbytes, const float* code, float scale, float* dst) {
-    float table[16];
-    for (int k = 0; k < 16; k++) table[k] = code[k] * scale;
     int64_t j = 0;
 #ifdef LK_AVX512
-    __m512 tab = _mm512_loadu_ps(table);
+    __m512 tab = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
     __m512i low4 = _mm512_set1_epi32(0xF);
     for (; j + 8 <= nbytes; j += 8) {
         /* 16 x u32 indices from 8 bytes: lane 2j = byte j >> 4, lane 2j+1 = byte j & 15 */
@@ -74,7 +76,10 @@ static void block_f32(const uint8_t* src, int64_t nbytes, const float* code, flo
             hi, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), lo);
         _mm512_storeu_ps(dst + 2 * j, _mm512_permutexvar_ps(idx, tab));
     }
+    if (j == nbytes) return;
 #endif
+    float table[16];
+    for (int k = 0; k < 16; k++) table[k] = code[k] * scale;
     for (; j < nbytes; j++) {
         uint8_t v = src[j];
         dst[2 * j] = table[v >> 4];
@@ -82,19 +87,28 @@ static void block_f32(const uint8_t* src, int64_t nbytes, const float* code, flo
     }
 }
 
-/* Dequantize n elements (n even, n_blocks = ceil(n / blocksize)); out_bf16 or out_f32 is written. */
+/* Dequantize n elements (n even, n_blocks = ceil(n / blocksize)); out_bf16 or out_f32 is written.
+ * The scale of block b is absmax[b] (stored fp32) or, double-quantized,
+ * code2[codes[b]] * absmax2[b / blocksize2] + offset (two separate fp32 roundings). Blocks are
+ * walked in groups of blocksize2 (256 without double quantization) that share absmax2[group]. */
 int lk_dequantize_4bit(const uint8_t* packed, int64_t n, int64_t blocksize, const float* code,
                        const float* absmax, const uint8_t* codes, const float* absmax2, const float* code2,
                        float offset, int64_t blocksize2, uint16_t* out_bf16, float* out_f32, int nthreads) {
-    if (n % 2 || blocksize % 32) return 1;
+    if (n % 2 || blocksize % 32 || (codes != NULL && blocksize2 < 1)) return 1;
     int64_t n_blocks = (n + blocksize - 1) / blocksize;
+    int64_t group = codes != NULL ? blocksize2 : 256;
+    int64_t n_groups = (n_blocks + group - 1) / group;
     (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 256) num_threads(nthreads) if (nthreads > 1 && n_blocks > 1024)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        float scale = block_scale(b, absmax, codes, absmax2, code2, offset, blocksize2);
-        int64_t start = b * blocksize, len = n - start < blocksize ? n - start : blocksize;
-        if (out_bf16) block_bf16(packed + start / 2, len / 2, code, scale, out_bf16 + start);
-        else block_f32(packed + start / 2, len / 2, code, scale, out_f32 + start);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && n_blocks > 1024)
+    for (int64_t g = 0; g < n_groups; g++) {
+        float scale2 = codes != NULL ? absmax2[g] : 0.0f;
+        int64_t last = (g + 1) * group < n_blocks ? (g + 1) * group : n_blocks;
+        for (int64_t b = g * group; b < last; b++) {
+            float scale = codes != NULL ? code2[codes[b]] * scale2 + offset : absmax[b];
+            int64_t start = b * blocksize, len = n - start < blocksize ? n - start : blocksize;
+            if (out_bf16) block_bf16(packed + start / 2, len / 2, code, scale, out_bf16 + start);
+            else block_f32(packed + start / 2, len / 2, code, scale, out_f32 + start);
+        }
     }
     return 0;
 }
