@@ -56,6 +56,9 @@ def load_lorakit(folder: str, quantized: bool, gc: bool):
         from lorakit.model.load import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+    from lorakit.model.lean import lean_activations
+
+    lean_activations(model)  # as recipes/finetune.py does (model.lean_mlp, default on)
     lorakit.add_lora(model, lorakit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                                target_modules="all-linear"))
     model.train()

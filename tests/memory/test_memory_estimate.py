@@ -89,15 +89,23 @@ CASES = [
     dict(method="lora", dtype="fp32", attn="eager"),
     dict(method="qlora", dtype="bf16", attn="sdpa", targets=("q_proj", "v_proj")),
     dict(method="lora", dtype="bf16", attn="sdpa", arch="qwen2"),
+    dict(method="lora", dtype="bf16", attn="sdpa", lean=True),
+    dict(method="lora", dtype="fp32", attn="eager", lean=True),
+    dict(method="qlora", dtype="bf16", attn="sdpa", lean=True),
+    dict(method="lora", dtype="bf16", attn="sdpa", arch="qwen2", lean=True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_saved_activations_match_autograd(case):
-    """Every tensor autograd saves for backward (unique storages, weights excluded) is predicted."""
+def test_saved_activations_match_autograd(case, monkeypatch):
+    """Every tensor autograd saves for backward (unique storages, weights excluded) is predicted,
+    with the plain and the lean MLP (model/lean.py)."""
+    from lorakit.model import lean as lean_mod
+
     case = dict(case)
     targets = case.pop("targets", "all-linear")
     attn = case.pop("attn")
+    lean = case.pop("lean", False)
     model = adapted_model(targets=targets, attn=attn, **case)
     batch_size, seq_len = 2, 48
     g = torch.Generator().manual_seed(0)
@@ -109,13 +117,26 @@ def test_saved_activations_match_autograd(case):
         saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
+    if lean:
+        assert lean_mod.lean_activations(model) == model.config.num_hidden_layers
+        # the lean MLP's own hooks stand aside under other hooks; let them run inside this one and
+        # count what they keep as they are (not the rebuilt down_proj input)
+        monkeypatch.setattr(lean_mod, "_hooks_active", lambda: False)
+        init = lean_mod._RebuildProduct.__init__
+
+        def counting_init(self, *args):
+            init(self, *args)
+            inner = self.pack_hook
+            self.pack_hook = lambda t: pack(t) if isinstance(inner(t), torch.Tensor) else inner(t)
+
+        monkeypatch.setattr(lean_mod._RebuildProduct, "__init__", counting_init)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         causal_lm_loss_sum(model, batch, 1024)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     measured = sum(v for k, v in saved.items() if k not in weights)
     shape = from_hf_config(model.config)
     s = Settings(method=case["method"], dtype=case["dtype"], seq_len=seq_len, batch_size=batch_size, rank=8,
-                 targets=targets, device="cpu")
+                 targets=targets, device="cpu", lean_mlp=lean)
     assert activation_bytes(shape, s, adapted_layers(shape, targets))["total"] == measured
 
 
@@ -163,7 +184,10 @@ def test_components_grow_the_way_they_should():
     assert plain < e.components["activations"] / 4
     # replay keeps q/k/v/o/down outputs: 5 x 4096 bf16 values per token and layer (no GQA in Llama-2)
     assert replay - plain == 32 * 512 * 5 * 4096 * 2
-    assert replay < e.components["activations"] / 3
+    assert replay < e.components["activations"] / 2
+    # the lean MLP (default) keeps neither act(gate) nor down's input: 2 x 11008 bf16 per token and layer
+    fat = estimate("llama-2-7b", base, lean_mlp=False).components["activations"]
+    assert fat - e.components["activations"] == 32 * 512 * 2 * 11008 * 2
     assert estimate("llama-2-7b", base, method="lora", grad_ckpt=True).components["activations"] == \
         estimate("llama-2-7b", base, method="lora", grad_ckpt=True, ckpt_replay=False).components["activations"]
     assert estimate("llama-2-7b", base, method="lora").components["frozen_weights"] > 3 * e.components["frozen_weights"]

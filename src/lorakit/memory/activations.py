@@ -93,6 +93,13 @@ def dequant_bytes_per_weight(s) -> int:
     return s.compute_bytes
 
 
+def lean_mlp(shape: ModelShape, s) -> bool:
+    """True when training patches this family's gated MLP (model/lean.py, model.lean_mlp)."""
+    from ..model.lean import lean_mlp_applies
+
+    return s.lean_mlp and lean_mlp_applies(shape.model_type)
+
+
 def _groups(shape: ModelShape) -> list[tuple[int, list[int]]]:
     """(input width, indices into shape.linear_layers()) for Linear layers that read the same input."""
     names = [n for n, *_ in shape.linear_layers()]
@@ -112,8 +119,9 @@ def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
     for g, (width, idx) in enumerate(_groups(shape)):
         t = sum(row[i] for i in idx)
         # sdpa returns its output as [B, T, heads, d] in memory, so o_proj's input (the output
-        # transposed back) is a view of a tensor attention already saved
-        shared = g == 1 and shape.attn_impl == "sdpa"
+        # transposed back) is a view of a tensor attention already saved; the lean MLP rebuilds
+        # down_proj's input from gate and up in backward instead of keeping it (model/lean.py)
+        shared = (g == 1 and shape.attn_impl == "sdpa") or (g == 3 and lean_mlp(shape, s))
         if s.method == "full":
             total += 0 if shared else width * bc
         elif t:
@@ -145,7 +153,8 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     n = s.batch_size * s.seq_len
     norms = shape.norms_per_layer - (1 if first and s.method != "full" else 0)
     per_token = norms * (4 * shape.hidden + 4) + _linear_inputs(shape, s, row) + _attention(shape, s)
-    per_token += 3 * shape.intermediate * s.compute_bytes
+    # gated MLP: gate output, act(gate) and up output; the lean MLP keeps gate and up only
+    per_token += (2 if lean_mlp(shape, s) else 3) * shape.intermediate * s.compute_bytes
     return n * per_token + _branch_weight_copies(shape, s, row, first)
 
 

@@ -91,6 +91,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
     """load_model + gradient checkpointing + add_lora + optimizer, in the order finetune() uses."""
     from ..config import LoraConfig
     from ..lora.inject import add_lora
+    from ..model.lean import lean_activations
     from ..model.load import enable_gradient_checkpointing, load_model
     from ..train.optim import build_optimizer
 
@@ -104,6 +105,8 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
         model.set_attn_implementation(s.attn_impl)
     if s.grad_ckpt:
         enable_gradient_checkpointing(model, replay=s.ckpt_replay)  # as recipes/finetune.py does
+    if s.lean_mlp:
+        lean_activations(model)
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
