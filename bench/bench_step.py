@@ -58,7 +58,7 @@ def load_lorakit(folder: str, quantized: bool, gc: bool):
         enable_gradient_checkpointing(model)
     from lorakit.model.lean import lean_activations
 
-    lean_activations(model)  # as recipes/finetune.py does (model.lean_mlp, default on)
+    lean_activations(model)  # as recipes/finetune.py does (model.lean_activations, default on)
     lorakit.add_lora(model, lorakit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                                target_modules="all-linear"))
     model.train()

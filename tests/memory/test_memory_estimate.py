@@ -118,7 +118,7 @@ def test_saved_activations_match_autograd(case, monkeypatch):
         return t
 
     if lean:
-        assert lean_mod.lean_activations(model) == model.config.num_hidden_layers
+        assert lean_mod.lean_activations(model) == 3 * model.config.num_hidden_layers + 1  # MLPs, norms
         # the lean MLP's own hooks stand aside under other hooks; let them run inside this one and
         # count what they keep as they are (not the rebuilt down_proj input)
         monkeypatch.setattr(lean_mod, "_hooks_active", lambda: False)
@@ -136,7 +136,7 @@ def test_saved_activations_match_autograd(case, monkeypatch):
     measured = sum(v for k, v in saved.items() if k not in weights)
     shape = from_hf_config(model.config)
     s = Settings(method=case["method"], dtype=case["dtype"], seq_len=seq_len, batch_size=batch_size, rank=8,
-                 targets=targets, device="cpu", lean_mlp=lean)
+                 targets=targets, device="cpu", lean_activations=lean)
     assert activation_bytes(shape, s, adapted_layers(shape, targets))["total"] == measured
 
 
@@ -185,9 +185,10 @@ def test_components_grow_the_way_they_should():
     # replay keeps q/k/v/o/down outputs: 5 x 4096 bf16 values per token and layer (no GQA in Llama-2)
     assert replay - plain == 32 * 512 * 5 * 4096 * 2
     assert replay < e.components["activations"] / 2
-    # the lean MLP (default) keeps neither act(gate) nor down's input: 2 x 11008 bf16 per token and layer
-    fat = estimate("llama-2-7b", base, lean_mlp=False).components["activations"]
-    assert fat - e.components["activations"] == 32 * 512 * 2 * 11008 * 2
+    # lean activations (default): the MLP keeps neither act(gate) nor down's input (2 x 11008 bf16 per
+    # token and layer), and each of the 64 norms with a gradient its bf16 input instead of fp32
+    fat = estimate("llama-2-7b", base, lean_activations=False).components["activations"]
+    assert fat - e.components["activations"] == 32 * 512 * 2 * 11008 * 2 + 64 * 512 * 4096 * (4 - 2)
     assert estimate("llama-2-7b", base, method="lora", grad_ckpt=True).components["activations"] == \
         estimate("llama-2-7b", base, method="lora", grad_ckpt=True, ckpt_replay=False).components["activations"]
     assert estimate("llama-2-7b", base, method="lora").components["frozen_weights"] > 3 * e.components["frozen_weights"]

@@ -1,4 +1,5 @@
-"""model/lean.py: the lean gated MLP keeps fewer tensors for backward and changes no value."""
+"""model/lean.py: the lean gated MLP and RMSNorm keep fewer tensors for backward and change no
+forward value (the MLP no gradient either)."""
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_lean_mlp_gives_the_same_loss_and_gradients_bit_for_bit(arch, dtype):
     batch = collate(make_examples(3, seed=1), 0)
     plain = _adapted(arch, dtype)
     lean = _adapted(arch, dtype)
-    assert lean_activations(lean) == plain.config.num_hidden_layers
+    assert lean_activations(lean, norms=False) == plain.config.num_hidden_layers
     (l1, g1), (l2, g2) = _loss_and_grads(plain, batch), _loss_and_grads(lean, batch)
     assert torch.equal(l1, l2)
     assert g1.keys() == g2.keys()
@@ -59,7 +60,7 @@ def test_lean_mlp_gives_the_same_loss_and_gradients_bit_for_bit(arch, dtype):
 def test_lean_mlp_keeps_two_fewer_intermediate_tensors_per_layer(arch):
     batch = collate(make_examples(2, seed=3, min_len=12, max_len=12), 0)  # [2, 12]
     plain, lean = _adapted(arch, torch.float32), _adapted(arch, torch.float32)
-    lean_activations(lean)
+    lean_activations(lean, norms=False)
     cfg = plain.config
     saved = 2 * cfg.num_hidden_layers * batch["input_ids"].numel() * cfg.intermediate_size * 4  # act(g), p
     diff = _live_bytes_after_forward(plain, batch) - _live_bytes_after_forward(lean, batch)
@@ -74,11 +75,55 @@ def test_lean_mlp_under_checkpointing_matches_and_unknown_forms_are_left_alone(m
     plain, lean = _adapted("llama", torch.float32), _adapted("llama", torch.float32)
     for m in (plain, lean):
         enable_gradient_checkpointing(m)
-    lean_activations(lean)
+    lean_activations(lean, norms=False)
     (l1, g1), (l2, g2) = _loss_and_grads(plain, batch), _loss_and_grads(lean, batch)
     assert torch.equal(l1, l2)
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
     # a listed class whose forward no longer reads as expected keeps its own forward
     monkeypatch.setitem(lean_mod._EXPECTED_SOURCE, "gate_up", ("self.down_proj(something_else)",))
-    assert lean_activations(_adapted("qwen2", torch.float32)) == 0
+    assert lean_activations(_adapted("qwen2", torch.float32), norms=False) == 0
     assert lean_activations(tiny_model("gpt2")) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norms_same_loss_and_gradients_to_rounding(arch, dtype):
+    batch = collate(make_examples(3, seed=1), 0)
+    plain, lean = _adapted(arch, dtype), _adapted(arch, dtype)
+    layers = plain.config.num_hidden_layers
+    assert lean_activations(lean, mlp=False) == 2 * layers + 1  # two per layer + the final norm
+    (l1, g1), (l2, g2) = _loss_and_grads(plain, batch), _loss_and_grads(lean, batch)
+    assert torch.equal(l1, l2)  # the forward pass is the same, op for op
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name in g1:
+        err = (g1[name].float() - g2[name].float()).abs().max() / g1[name].float().abs().max()
+        assert err < tol, (name, float(err))
+
+
+def test_lean_norm_weight_gradient_when_it_trains():
+    torch.manual_seed(0)
+    norm = tiny_model("qwen2").model.norm
+    x = torch.randn(3, 5, norm.weight.shape[0], dtype=torch.float64).float().requires_grad_()
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(True)
+    y = torch.randn(3, 5, norm.weight.shape[0])
+    ref = (norm(x) * y).sum()
+    gx, gw = torch.autograd.grad(ref, (x, norm.weight))
+    lean_activations(norm)
+    out = (norm(x) * y).sum()
+    lx, lw = torch.autograd.grad(out, (x, norm.weight))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(lx, gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lw, gw, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_norms_keep_the_bf16_input_instead_of_an_fp32_copy():
+    batch = collate(make_examples(2, seed=3, min_len=12, max_len=12), 0)  # [2, 12]
+    plain, lean = _adapted("qwen2", torch.bfloat16), _adapted("qwen2", torch.bfloat16)
+    lean_activations(lean, mlp=False)
+    cfg = plain.config
+    # every norm whose input needs a gradient (not layer 0's first: it reads the frozen embeddings)
+    norms = 2 * cfg.num_hidden_layers - 1 + 1
+    saved = norms * batch["input_ids"].numel() * cfg.hidden_size * (4 - 2)
+    diff = _live_bytes_after_forward(plain, batch) - _live_bytes_after_forward(lean, batch)
+    assert diff == saved, (diff, saved)

@@ -93,11 +93,17 @@ def dequant_bytes_per_weight(s) -> int:
     return s.compute_bytes
 
 
-def lean_mlp(shape: ModelShape, s) -> bool:
-    """True when training patches this family's gated MLP (model/lean.py, model.lean_mlp)."""
-    from ..model.lean import lean_mlp_applies
+def lean(shape: ModelShape, s, part: str) -> bool:
+    """True when training patches this family's gated MLP (part "mlp") or RMSNorm ("norm")
+    (model/lean.py, model.lean_activations)."""
+    from ..model.lean import lean_applies
 
-    return s.lean_mlp and lean_mlp_applies(shape.model_type)
+    return s.lean_activations and lean_applies(shape.model_type)[part]
+
+
+def norm_saved_per_token(shape: ModelShape, s) -> int:
+    """Bytes one RMSNorm keeps per token: its fp32 input copy + rsqrt, or (lean) its input as it is."""
+    return (s.compute_bytes if lean(shape, s, "norm") else 4) * shape.hidden + 4
 
 
 def _groups(shape: ModelShape) -> list[tuple[int, list[int]]]:
@@ -121,7 +127,7 @@ def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
         # sdpa returns its output as [B, T, heads, d] in memory, so o_proj's input (the output
         # transposed back) is a view of a tensor attention already saved; the lean MLP rebuilds
         # down_proj's input from gate and up in backward instead of keeping it (model/lean.py)
-        shared = (g == 1 and shape.attn_impl == "sdpa") or (g == 3 and lean_mlp(shape, s))
+        shared = (g == 1 and shape.attn_impl == "sdpa") or (g == 3 and lean(shape, s, "mlp"))
         if s.method == "full":
             total += 0 if shared else width * bc
         elif t:
@@ -152,9 +158,9 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     n = s.batch_size * s.seq_len
     norms = shape.norms_per_layer - (1 if first and s.method != "full" else 0)
-    per_token = norms * (4 * shape.hidden + 4) + _linear_inputs(shape, s, row) + _attention(shape, s)
+    per_token = norms * norm_saved_per_token(shape, s) + _linear_inputs(shape, s, row) + _attention(shape, s)
     # gated MLP: gate output, act(gate) and up output; the lean MLP keeps gate and up only
-    per_token += (2 if lean_mlp(shape, s) else 3) * shape.intermediate * s.compute_bytes
+    per_token += (2 if lean(shape, s, "mlp") else 3) * shape.intermediate * s.compute_bytes
     return n * per_token + _branch_weight_copies(shape, s, row, first)
 
 
@@ -189,7 +195,7 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
     n_sup = s.batch_size * (s.seq_len - 1)  # every position supervised
     layers = [layer_bytes(shape, s, row, i == 0) for i, row in enumerate(adapted)]
     rope = 2 * s.seq_len * shape.head_dim * bc
-    final = n * (4 * shape.hidden + 4) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
+    final = n * norm_saved_per_token(shape, s) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
     if s.grad_ckpt:  # each layer keeps its input (+ replayed 4-bit outputs); backward recomputes one layer at a time
         kept = sum(n * (shape.hidden * bc + _replayed_per_token(shape, s, row)) for row in adapted)
         recompute = max(layers)

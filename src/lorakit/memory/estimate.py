@@ -74,8 +74,9 @@ class Settings:
     """With grad_ckpt and QLoRA: small 4-bit outputs kept and replayed (model.checkpoint_replay)."""
     branch_dtype: str = "compute"
     """dtype of the LoRA branch's matmuls (lora.branch_dtype): compute (default) or adapter."""
-    lean_mlp: bool = True
-    """Gated MLPs keep only their gate and up outputs for backward (model.lean_mlp)."""
+    lean_activations: bool = True
+    """Gated MLPs keep only their gate and up outputs for backward, RMSNorms their input as it is
+    (model.lean_activations)."""
 
     def __post_init__(self):
         def check(name, value, allowed):

@@ -105,7 +105,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
         model.set_attn_implementation(s.attn_impl)
     if s.grad_ckpt:
         enable_gradient_checkpointing(model, replay=s.ckpt_replay)  # as recipes/finetune.py does
-    if s.lean_mlp:
+    if s.lean_activations:
         lean_activations(model)
     if s.method == "full":
         for p in model.parameters():

@@ -178,7 +178,7 @@ def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings
     return Settings(
         method="qlora" if m.quantization else "lora", seq_len=seq_len or cfg.data.max_seq_len,
         batch_size=t.micro_batch_size, rank=lo.r, targets=lo.target_modules, grad_ckpt=m.gradient_checkpointing,
-        ckpt_replay=m.checkpoint_replay, lean_mlp=m.lean_mlp,
+        ckpt_replay=m.checkpoint_replay, lean_activations=m.lean_activations,
         optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size, device=device, attn_impl=attn,
         quant_type=m.quantization or "nf4", double_quant=m.double_quant, blocksize=m.blocksize,
         skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype,

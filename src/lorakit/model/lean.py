@@ -1,27 +1,36 @@
-"""Fewer activations saved for backward, the same values: a leaner gated MLP.
+"""Fewer activations saved for backward, the same forward values: a leaner gated MLP and RMSNorm.
 
-A gated MLP (Llama, Qwen2, Mistral, Gemma, Phi-3, ...) computes
+Gated MLP (Llama, Qwen2, Mistral, Gemma, Phi-3, ...):
 
     g = gate(x), u = up(x)                                   [T, I] each (I = intermediate size)
     p = act(g) * u                                           [T, I]
     y = down(p)                                              [T, H]
 
-and plain autograd keeps four [T, I] tensors per layer for backward: g (for act's backward),
-act(g) and u (for the product's backward) and p (for the down projection's LoRA A gradient;
-a frozen base layer needs no input). Here only g and u are kept:
+Plain autograd keeps four [T, I] tensors per layer for backward: g (for act's backward), act(g)
+and u (for the product's backward) and p (for the down projection's LoRA A gradient; a frozen
+base layer needs no input). Here only g and u are kept:
 
     forward:  p = act(g) * u                 saved: g, u (`_GatedProduct`)
     backward: a = act(g) recomputed          dg = act'(g) * (dp * u), du = dp * a
     down(p):  p is not kept; a saved-tensor hook rebuilds it as act(g) * u when backward needs it
 
-The rebuilt tensors are bit for bit the ones plain autograd keeps (the same ops on the same inputs),
-so losses and gradients are unchanged; the cost is one more act(g) * u per layer in backward. On
-Qwen2.5-0.5B at T=256 that is 2 x 24 x [256, 4864] bf16 = 120 MB less at the end of the forward
-pass without gradient checkpointing. Under checkpointing (or any other saved-tensor hooks) the
-down projection's input is saved as usual: checkpointing already drops it, and hooks must not nest.
+The rebuilt tensors are bit for bit the ones plain autograd keeps (the same ops on the same
+inputs), so losses and gradients are unchanged; the cost is one more act(g) * u per layer in
+backward. Under checkpointing (or any other saved-tensor hooks) the down projection's input is
+saved as usual: checkpointing already drops it, and hooks must not nest.
 
-Applied by `lean_activations(model)` to MLP classes whose forward is known to be exactly the form
-above (`GATED_MLP_CLASSES`); tests/model/test_lean.py checks each family against the unpatched model.
+RMSNorm (the Llama form y = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), x32 = x.float()):
+plain autograd keeps the fp32 copy x32 [T, H]; `_RMSNorm` keeps x in its own dtype (half the
+bytes in bf16) and rsqrt [T, 1], with the same forward values and the gradient formed in fp32:
+
+    dn = (dy * w).float();  dx = (r * dn - x32 * r^3 * mean(dn * x32)).to(x.dtype)
+
+(equal to autograd's up to fp32 rounding order). Qwen2.5-0.5B at T=256 without checkpointing:
+2 x 24 x [256, 4864] bf16 = 120 MB less for the MLPs, 49 x 0.46 MB for the norms.
+
+`lean_activations(model)` patches modules of classes whose forward is known to read exactly as
+above (`GATED_MLP_CLASSES`, `RMS_NORM_CLASSES`, checked against the installed source);
+tests/model/test_lean.py checks each family against the unpatched model.
 """
 
 from __future__ import annotations
@@ -72,6 +81,42 @@ class _GatedProduct(torch.autograd.Function):
         return dg, du, None
 
 
+RMS_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
+_NORM_SOURCE = ("input_dtype=hidden_states.dtype", "hidden_states=hidden_states.to(torch.float32)",
+                "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
+                "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+                "returnself.weight*hidden_states.to(input_dtype)")
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * (x32 * r).to(x.dtype), r = rsqrt(mean(x32^2, -1) + eps), x32 = x.float().
+    Saved: x (its own dtype), r [..., 1] fp32 and w (a parameter: no copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.float32)                                         # [..., H]
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)          # [..., 1]
+        ctx.save_for_backward(x, r, weight)
+        return weight * (x32 * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, r, weight = ctx.saved_tensors
+        x32 = x.to(torch.float32)
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * (x32 * r).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            dn = (dy * weight).to(x.dtype).to(torch.float32)                # [..., H] d/d(x32 * r)
+            s = (dn * x32).mean(-1, keepdim=True)                             # [..., 1]
+            dx = (dn * r - x32 * (r.pow(3) * s)).to(x.dtype)
+        return dx, dw, None
+
+
+def _forward_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
 def _hooks_active() -> bool:
     """True when saved-tensor hooks (e.g. non-reentrant checkpointing) are already in force."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -120,41 +165,49 @@ def _forward_fused(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _gated(self, gate, up, self.activation_fn)
 
 
-def _known_form(cls: type) -> str | None:
-    """"gate_up" / "fused" when `cls` is a listed MLP class whose forward reads as expected."""
-    kind = GATED_MLP_CLASSES.get(cls.__name__)
-    if kind is None:
-        return None
+def _source_has(cls: type, parts: tuple[str, ...]) -> bool:
+    """True when cls.forward's source (whitespace removed) contains every part."""
     try:
         source = "".join(inspect.getsource(cls.forward).split())
     except (OSError, TypeError):
-        return None
-    return kind if all(part in source for part in _EXPECTED_SOURCE[kind]) else None
+        return False
+    return all(part in source for part in parts)
+
+
+def _lean_forward(cls: type):
+    """The lean forward for instances of `cls`, or None when it has none (or its source changed)."""
+    kind = GATED_MLP_CLASSES.get(cls.__name__)
+    if kind is not None and _source_has(cls, _EXPECTED_SOURCE[kind]):
+        return _forward_gate_up if kind == "gate_up" else _forward_fused
+    if cls.__name__ in RMS_NORM_CLASSES and _source_has(cls, _NORM_SOURCE):
+        return _forward_rms_norm
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def lean_mlp_applies(model_type: str) -> bool:
-    """True when `lean_activations` patches the MLP of transformers' `model_type` family (its
-    modeling_<type>.py defines a listed class, <Type>MLP, whose forward reads as expected)."""
-    name = model_type.capitalize() + "MLP"
-    if name not in GATED_MLP_CLASSES:
-        return False
+def lean_applies(model_type: str) -> dict:
+    """{"mlp": bool, "norm": bool}: whether `lean_activations` patches the gated MLP / RMSNorm of
+    transformers' `model_type` family (classes <Type>MLP / <Type>RMSNorm in modeling_<type>.py)."""
     try:
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     except ImportError:
-        return False
-    cls = getattr(module, name, None)
-    return cls is not None and _known_form(cls) is not None
+        return {"mlp": False, "norm": False}
+    prefix = model_type.capitalize()
+    mlp, norm = getattr(module, prefix + "MLP", None), getattr(module, prefix + "RMSNorm", None)
+    return {"mlp": mlp is not None and _lean_forward(mlp) is not None,
+            "norm": norm is not None and _lean_forward(norm) is not None}
 
 
-def lean_activations(model: nn.Module) -> int:
-    """Give every known gated MLP of `model` the lean forward (module docstring); returns how many."""
+def lean_activations(model: nn.Module, mlp: bool = True, norms: bool = True) -> int:
+    """Give every known gated MLP (`mlp`) and RMSNorm (`norms`) of `model` the lean forward
+    (module docstring); returns how many modules were patched."""
     count = 0
     for module in model.modules():
-        kind = _known_form(type(module))
-        if kind is None or getattr(module, "_lorakit_lean", False):
+        if getattr(module, "_lorakit_lean", False):
             continue
-        forward = _forward_gate_up if kind == "gate_up" else _forward_fused
+        forward = _lean_forward(type(module))
+        if forward is None or (forward is _forward_rms_norm and not norms) or (forward is not _forward_rms_norm and not mlp):
+            continue
         module.forward = types.MethodType(forward, module)
         module._lorakit_lean = True
         count += 1

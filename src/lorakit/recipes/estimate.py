@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-replay", action=argparse.BooleanOptionalAction, default=True,
                         help="with --grad-ckpt and qlora: keep and replay the small 4-bit outputs (default on; "
                              "model.checkpoint_replay)")
-    parser.add_argument("--lean-mlp", action=argparse.BooleanOptionalAction, default=True,
-                        help="gated MLPs keep only their gate and up outputs for backward (default on; "
-                             "model.lean_mlp)")
+    parser.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
+                        help="gated MLPs keep only their gate and up outputs for backward, RMSNorms their "
+                             "input as it is (default on; model.lean_activations)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (default bf16)")
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="rows per cross-entropy chunk (default 1024)")
@@ -59,7 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if targets != "all-linear" and ("," in targets or re.fullmatch(r"[\w.]+", targets)):  # names, not a regex
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     return Settings(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                    targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, lean_mlp=args.lean_mlp, optimizer=args.optimizer, dtype=args.dtype,
+                    targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, lean_activations=args.lean_activations, optimizer=args.optimizer, dtype=args.dtype,
                     loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "")
 
 

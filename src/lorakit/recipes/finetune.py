@@ -54,7 +54,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model, replay=m.checkpoint_replay)
-    if m.lean_mlp:
+    if m.lean_activations:
         lean_activations(model)
     torch.manual_seed(cfg.train.seed)  # the LoRA initialisation is part of the run's seed
     add_lora(model, cfg.lora)
