@@ -236,8 +236,9 @@ def workspace_bytes(shape: ModelShape, s, adapted, act: dict, loss: int) -> dict
     n = s.batch_size * s.seq_len
     widest = max(in_f * out_f for _, in_f, out_f, _ in shape.linear_layers())
     dequant = dequant_bytes_per_weight(s) * widest if s.method == "qlora" else 0
-    # the MLP's backward holds grads of two [N, intermediate] tensors in the compute dtype at once
-    backward = 2 * n * shape.intermediate * s.compute_bytes
+    # the MLP's backward holds grads of two [N, intermediate] tensors in the compute dtype at once;
+    # the lean MLP's backward (model/lean.py) also rebuilds act(gate) and forms dp * up beside them
+    backward = (4 if lean(shape, s, "mlp") else 2) * n * shape.intermediate * s.compute_bytes
     # a 4-bit weight is rebuilt in forward and again in backward; at either moment the layer's
     # gradient buffers are not yet (or no longer) live, so the two transients do not add up
     layer_peak = act["recompute"] + max(dequant, backward)
