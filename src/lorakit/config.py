@@ -109,10 +109,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: less memory, ~30% more compute."""
     checkpoint_replay: bool = True
-    """With gradient_checkpointing and a 4-bit base: keep the outputs of the adapted 4-bit layers no
-    wider than their input (q/k/v/o, down) and replay them instead of recomputing (Qwen2.5-0.5B,
-    T=256: ~18% faster steps, +~1.5 MB per layer; costs up to 5 x hidden x seq_len values per layer
-    for models without grouped-query attention). false = plain recomputation, least memory."""
+    """With gradient_checkpointing: keep the outputs of the adapted frozen base layers (4-bit or
+    16-bit) no wider than their input (q/k/v/o, down) and replay them instead of recomputing
+    (Qwen2.5-0.5B QLoRA, T=256: ~18% faster steps, +~1.5 MB per layer; costs up to 5 x hidden x
+    seq_len values per layer for models without grouped-query attention). false = plain
+    recomputation, least memory."""
 
     lean_activations: bool = True
     """In training, keep fewer activations for backward with the same forward values

@@ -176,17 +176,19 @@ def test_run_folder_has_metrics_curve_and_adapter(tmp_path):
     assert math.isfinite(result.final_train_loss)
 
 
-def test_qlora_checkpointing_replays_small_frozen_outputs(tmp_path):
-    """QLoRA with checkpointing: the adapted 4-bit layers whose output is no wider than their
-    input (q/k/v/o/down) run once per step, their outputs replayed during recomputation; the
-    up-projections run twice; the gradients equal those without checkpointing."""
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_checkpointing_replays_small_frozen_outputs(tmp_path, quantization):
+    """(Q)LoRA with checkpointing: the adapted frozen layers (4-bit or 16-bit) whose output is no
+    wider than their input (q/k/v/o/down) run once per step, their outputs replayed during
+    recomputation; the up-projections run twice; the gradients equal those without checkpointing."""
     from tiny_models import tiny_model
 
     tiny_model("llama").save_pretrained(tmp_path)
     examples = make_examples(3, seed=11)
     grads, calls = {}, {}
     for ckpt in (False, True):
-        model, _ = lorakit.load_model(str(tmp_path), quantization="nf4", compute_dtype="fp32", load_tokenizer=False)
+        model, _ = lorakit.load_model(str(tmp_path), quantization=quantization, compute_dtype="fp32",
+                                      load_tokenizer=False)
         torch.manual_seed(0)  # the same A in both runs
         lorakit.add_lora(model, LoraConfig(r=4, alpha=8))
         for _, layer in lorakit.lora.inject.lora_layers(model):

@@ -165,13 +165,12 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
 
 
 def _replayed_per_token(shape: ModelShape, s, row: list[bool]) -> int:
-    """Bytes per token of the frozen 4-bit outputs a checkpointed layer keeps for replay
-    (model/checkpointing.py): adapted Linear4bit layers with out_features <= in_features."""
-    if s.method != "qlora" or not s.ckpt_replay:
+    """Bytes per token of the frozen outputs a checkpointed layer keeps for replay
+    (model/checkpointing.py): adapted frozen base layers (4-bit or 16-bit) with out_features <= in_features."""
+    if s.method == "full" or not s.ckpt_replay:
         return 0
-    skipped = set(s.skip_modules)
     return sum(out_f * s.compute_bytes for (name, in_f, out_f, _), on in zip(shape.linear_layers(), row)
-               if on and out_f <= in_f and name.rpartition(".")[2] not in skipped)
+               if on and out_f <= in_f)
 
 
 def _branch_weight_copies(shape: ModelShape, s, row: list[bool], first: bool) -> int:

@@ -90,10 +90,10 @@ def plan_micro_batch(model, settings: Settings, budget_bytes: int, effective_bat
 
 
 def ckpt_label(s: Settings) -> str:
-    """"off", "on", or "on (no replay)" when a QLoRA run recomputes its small 4-bit outputs too."""
+    """"off", "on", or "on (no replay)" when a (Q)LoRA run recomputes its small frozen outputs too."""
     if not s.grad_ckpt:
         return "off"
-    return "on" if s.ckpt_replay or s.method != "qlora" else "on (no replay)"
+    return "on" if s.ckpt_replay or s.method == "full" else "on (no replay)"
 
 
 def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
@@ -122,8 +122,8 @@ def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
     for ck, n1, c1 in ckpts:
         for opt, n2, c2 in opts:
             for meth, n3, c3 in methods:
-                if ck == (True, False) and meth != "qlora" and ck != (s.grad_ckpt, s.ckpt_replay):
-                    continue  # replay only concerns 4-bit layers: same as plain checkpointing here
+                if ck == (True, False) and meth == "full" and ck != (s.grad_ckpt, s.ckpt_replay):
+                    continue  # replay only concerns adapted frozen layers: same as plain checkpointing here
                 for seq, n4, c4 in seqs:
                     out.append((replace(s, grad_ckpt=ck[0], ckpt_replay=ck[1], optimizer=opt, method=meth, seq_len=seq),
                                 n1 + n2 + n3 + n4, c1 + c2 + c3 + c4))

@@ -1,20 +1,22 @@
-"""Gradient checkpointing that does not recompute small frozen 4-bit outputs.
+"""Gradient checkpointing that does not recompute small frozen outputs.
 
 Checkpointing keeps each decoder layer's input and re-runs the layer's forward during backward to
-rebuild the tensors autograd needs. With QLoRA most of that recomputation is frozen 4-bit
-matmuls, and for the layers whose output is no wider than their input (q/k/v/o and the MLP's
-down projection) the output is cheap to keep: out * T values against 2 * in * out * T FLOPs and a
-dequantization to redo. So while a checkpointed layer runs its first forward, each LoRA-wrapped
-`Linear4bit` of that kind records its output; when the same layer is recomputed in backward it
-replays the recorded tensor instead of dequantizing and multiplying again. The up-projections
-(gate/up, [T, intermediate] each: most of a layer's activations) are recomputed as before.
+rebuild the tensors autograd needs. With (Q)LoRA most of that recomputation is frozen matmuls,
+and for the layers whose output is no wider than their input (q/k/v/o and the MLP's down
+projection) the output is cheap to keep: out * T values against 2 * in * out * T FLOPs (and, in
+4 bits, a dequantization) to redo. So while a checkpointed layer runs its first forward, each
+LoRA-wrapped frozen base layer of that kind (`Linear4bit`, or a frozen `nn.Linear`) records its
+output; when the same layer is recomputed in backward it replays the recorded tensor instead of
+multiplying again. The up-projections (gate/up, [T, intermediate] each: most of a layer's
+activations) are recomputed as before.
 
-    forward (checkpointed):  y = Linear4bit(x)          -> kept in the layer's store
+    forward (checkpointed):  y = base(x)                -> kept in the layer's store
     recompute (backward):    y = store[i]               (same values, same order)
 
 Why the tensors autograd saves stay the same in both passes (torch.utils.checkpoint matches them
 one by one, and raises if their count or shapes differ): a Linear4bit saves none (its packed
-weight rides on the autograd context), and everything downstream of y runs unchanged. Measured
+weight rides on the autograd context), a frozen nn.Linear saves only its weight, which is kept
+out of checkpointing's count while it is recorded, and everything downstream of y runs unchanged. Measured
 effect and memory: bench/SPEED.md. Used through `context_fn` of torch.utils.checkpoint
 (non-reentrant), which gives each checkpointed call its own pair of contexts.
 """
@@ -61,12 +63,24 @@ def replay_contexts():
     return _Mode("record", store), _Mode("replay", store)
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _frozen_dense(layer: nn.Module) -> bool:
+    return (type(layer) is nn.Linear and not layer.weight.requires_grad
+            and (layer.bias is None or not layer.bias.requires_grad))
+
+
 def keeps_output(layer: nn.Module) -> bool:
-    """A frozen 4-bit layer whose output is no wider than its input (module docstring)."""
+    """A frozen 4-bit or dense Linear whose output is no wider than its input (module docstring)."""
     from ..quant.linear4bit import Linear4bit
 
-    return (isinstance(layer, Linear4bit) and layer.out_features <= layer.in_features
-            and (layer.bias is None or not layer.bias.requires_grad))
+    if isinstance(layer, Linear4bit):
+        frozen = layer.bias is None or not layer.bias.requires_grad
+    else:
+        frozen = _frozen_dense(layer)
+    return frozen and layer.out_features <= layer.in_features
 
 
 def frozen_output(layer: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -84,6 +98,13 @@ def frozen_output(layer: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
             raise RuntimeError(f"lorakit checkpoint replay: kept output {tuple(y.shape)} does not fit input "
                                f"{tuple(x.shape)} of {layer}; the recomputed forward took another path")
         return y
-    y = run(x)
+    if _frozen_dense(layer):
+        # nn.Linear saves its frozen weight for dL/dx; the recomputation that replays y will not,
+        # so keep that one saved tensor out of checkpointing's count (an identity hook pair nested
+        # inside checkpointing's own takes it instead: the weight, never an activation)
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            y = run(x)
+    else:
+        y = run(x)
     _state.store.append(y.detach())  # the values; the recomputed graph never backpropagates into it
     return y

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                         help="gradient checkpointing (default off)")
     parser.add_argument("--ckpt-replay", action=argparse.BooleanOptionalAction, default=True,
-                        help="with --grad-ckpt and qlora: keep and replay the small 4-bit outputs (default on; "
+                        help="with --grad-ckpt and (q)lora: keep and replay the small frozen outputs (default on; "
                              "model.checkpoint_replay)")
     parser.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
                         help="gated MLPs keep only their gate and up outputs for backward, RMSNorms their "
