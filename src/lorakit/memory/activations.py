@@ -195,7 +195,7 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
     layers = [layer_bytes(shape, s, row, i == 0) for i, row in enumerate(adapted)]
     rope = 2 * s.seq_len * shape.head_dim * bc
     final = n * norm_saved_per_token(shape, s) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
-    if s.grad_ckpt:  # each layer keeps its input (+ replayed 4-bit outputs); backward recomputes one layer at a time
+    if s.grad_ckpt:  # each layer keeps its input (+ replayed frozen outputs); backward recomputes one layer at a time
         kept = sum(n * (shape.hidden * bc + _replayed_per_token(shape, s, row)) for row in adapted)
         recompute = max(layers)
     else:
