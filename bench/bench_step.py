@@ -52,13 +52,9 @@ def load_lorakit(folder: str, quantized: bool, gc: bool):
 
     model, _ = lorakit.load_model(folder, quantization="nf4" if quantized else None, double_quant=True,
                                   compute_dtype="bfloat16", load_tokenizer=False, device="cpu")
-    if gc:  # as recipes/finetune.py does
-        from lorakit.model.load import enable_gradient_checkpointing
+    from lorakit.model.load import prepare_for_training
 
-        enable_gradient_checkpointing(model)
-    from lorakit.model.lean import lean_activations
-
-    lean_activations(model)  # as recipes/finetune.py does (model.lean_activations, default on)
+    prepare_for_training(model, gradient_checkpointing=gc)  # as recipes/finetune.py does, default config
     lorakit.add_lora(model, lorakit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                                target_modules="all-linear"))
     model.train()

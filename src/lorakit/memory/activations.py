@@ -169,7 +169,7 @@ def _replayed_per_token(shape: ModelShape, s, row: list[bool]) -> int:
     (model/checkpointing.py): adapted frozen base layers (4-bit or 16-bit) with out_features <= in_features."""
     if s.method == "full" or not s.ckpt_replay:
         return 0
-    return sum(out_f * s.compute_bytes for (name, in_f, out_f, _), on in zip(shape.linear_layers(), row)
+    return sum(out_f * s.compute_bytes for (_, in_f, out_f, _), on in zip(shape.linear_layers(), row)
                if on and out_f <= in_f)
 
 

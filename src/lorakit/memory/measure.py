@@ -91,8 +91,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
     """load_model + gradient checkpointing + add_lora + optimizer, in the order finetune() uses."""
     from ..config import LoraConfig
     from ..lora.inject import add_lora
-    from ..model.lean import lean_activations
-    from ..model.load import enable_gradient_checkpointing, load_model
+    from ..model.load import load_model, prepare_for_training
     from ..train.optim import build_optimizer
 
     model, _ = load_model(str(folder), quantization="nf4" if s.method == "qlora" else None,
@@ -103,10 +102,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
                           mmap_embeddings=False)
     if s.attn_impl:
         model.set_attn_implementation(s.attn_impl)
-    if s.grad_ckpt:
-        enable_gradient_checkpointing(model, replay=s.ckpt_replay)  # as recipes/finetune.py does
-    if s.lean_activations:
-        lean_activations(model)
+    prepare_for_training(model, s.grad_ckpt, s.ckpt_replay, s.lean_activations)
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -274,8 +274,8 @@ def load_tokenizer_for(folder: Path, trust_remote_code: bool = False):
 
 def enable_gradient_checkpointing(model: nn.Module, replay: bool = True) -> None:
     """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad);
-    with `replay`, the small frozen 4-bit outputs are kept and replayed instead of recomputed
-    (model/checkpointing.py). transformers >= 5 calls it activation checkpointing; older
+    with `replay`, the small frozen outputs (4-bit or 16-bit base) are kept and replayed instead
+    of recomputed (model/checkpointing.py). transformers >= 5 calls it activation checkpointing; older
     versions gradient checkpointing."""
     from .checkpointing import replay_contexts
 
@@ -286,3 +286,16 @@ def enable_gradient_checkpointing(model: nn.Module, replay: bool = True) -> None
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False, checkpoint_replay: bool = True,
+                         lean_activations: bool = True) -> None:
+    """The model set-up a training run gets between load_model and add_lora (the one place
+    recipes/finetune.py, the memory harness and the benchmarks take it from): gradient
+    checkpointing (with replay) and the lean MLPs and norms of model/lean.py."""
+    from .lean import lean_activations as make_lean
+
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, replay=checkpoint_replay)
+    if lean_activations:
+        make_lean(model)

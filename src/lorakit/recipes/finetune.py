@@ -11,8 +11,7 @@ from ..config import RunConfig
 from ..data import build_examples, load_records, split_records, stats_text
 from ..lora.inject import add_lora, format_trainable
 from ..memory.planner import parse_size, plan_micro_batch, predict_for_run, settings_for_run
-from ..model.lean import lean_activations
-from ..model.load import enable_gradient_checkpointing, load_model
+from ..model.load import load_model, prepare_for_training
 from ..report.html import write_report
 from ..report.summary import write_run_info
 from ..train.loop import TrainResult, train
@@ -52,10 +51,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
                                   mmap_embeddings=m.mmap_embeddings)
     if tokenizer is None:
         raise FileNotFoundError(f"{m.name_or_path}: no tokenizer files; training needs the model's tokenizer")
-    if m.gradient_checkpointing:
-        enable_gradient_checkpointing(model, replay=m.checkpoint_replay)
-    if m.lean_activations:
-        lean_activations(model)
+    prepare_for_training(model, m.gradient_checkpointing, m.checkpoint_replay, m.lean_activations)
     torch.manual_seed(cfg.train.seed)  # the LoRA initialisation is part of the run's seed
     add_lora(model, cfg.lora)
     log.info("%s", format_trainable(model))
