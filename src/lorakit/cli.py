@@ -47,6 +47,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="shortcut_model", help="shortcut for --model.name_or_path")
     p.add_argument("--data", dest="shortcut_data", help="shortcut for --data.path")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a train.output_dir that holds a previous lorakit run (only lorakit's files "
+                        "there are replaced); without it lorakit writes only into a new or empty folder")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
@@ -83,7 +86,7 @@ def cmd_train(args) -> int:
     from .recipes.finetune import finetune
 
     cfg = config_from_args(args)
-    out = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    out = finetune(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     r = out.result
     print(f"{r.stopped_reason}: {r.steps} steps in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s")
     if r.best_val_loss is not None:
@@ -137,7 +140,8 @@ def cmd_merge(args) -> int:
     from .recipes.merge import merge_to_folder
 
     report = merge_to_folder(args.model, args.adapter, args.out, quantization=args.quantization,
-                             precision=args.precision, verify=args.verify, max_kl=args.max_kl)
+                             precision=args.precision, verify=args.verify, max_kl=args.max_kl,
+                             overwrite=args.overwrite)
     if report is not None:
         print(report)
     print(f"merged model -> {args.out}")
@@ -173,7 +177,7 @@ def cmd_data_preview(args) -> int:
 def cmd_demo(args) -> int:
     from .recipes.demo import run_demo
 
-    return run_demo(args.out, progress=not args.no_progress)
+    return run_demo(args.out, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 # ------------------------------------------------------------------ parser
@@ -228,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge an adapter into its base and save a plain 16-bit model")
     _add_model_args(p, adapter=False)
     p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--out", required=True, help="output folder for the merged model (+ tokenizer)")
+    p.add_argument("--out", required=True, help="output folder for the merged model (+ tokenizer): new or empty, "
+                   "or a previous lorakit merge output with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous lorakit merge in --out (only the files lorakit wrote there)")
     p.add_argument("--verify", action="store_true", help="compare logits before/after on sample text and fail above --max-kl")
     p.add_argument("--max-kl", type=float, default=1e-3, help="largest KL divergence (nats/token) --verify accepts")
     p.set_defaults(func=cmd_merge)
@@ -260,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=quant_report_cmd.main)
 
     p = sub.add_parser("demo", help="QLoRA end to end on the built-in tiny model and data (CPU, offline, minutes)")
-    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--out", default="runs/demo", help="run folder (a previous demo run there is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="also replace a previous (non-demo) lorakit run in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..utils.fs import atomic_dir
+from ..utils.fs import output_folder
 from .inject import add_lora, lora_layers
 from .layer import ModulesToSave
 
@@ -105,9 +105,11 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
     (Path(folder) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors to `path`, atomically."""
-    with atomic_dir(path) as tmp:
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None,
+                 overwrite: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors to `path` (a new or empty folder, or,
+    with `overwrite`, a previous lorakit adapter folder), atomically; see utils/fs.py."""
+    with output_folder(path, "adapter", overwrite) as tmp:
         write_adapter_files(model, tmp, base_model_name_or_path)
     return Path(path)
 

@@ -158,14 +158,15 @@ def release_freed_memory() -> None:
 
 # ---- saving -----------------------------------------------------------------------------------
 def save_quantized(model: nn.Module, folder: Union[str, Path], tokenizer=None,
-                   max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                   max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Write a 4-bit model (from ``load_model(..., quantization="nf4"|"fp4")``) so that
     ``load_model(folder)`` reloads it without quantizing again (format: module docstring).
 
     The model must have no LoRA adapters (save those with save_adapter; merged models are
-    16-bit and save with save_pretrained). The folder is written atomically.
+    16-bit and save with save_pretrained). The folder must be new or empty, or a previous
+    save_quantized folder with `overwrite`; it is written atomically (utils/fs.py).
     """
-    from ..utils.fs import atomic_dir
+    from ..utils.fs import output_folder
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     if not layers:
@@ -177,7 +178,7 @@ def save_quantized(model: nn.Module, folder: Union[str, Path], tokenizer=None,
                          "before add_lora, or the adapter with lorakit.save_adapter")
     tensors = _tensors_to_save(model, layers)
     info = _quantization_info(layers)
-    with atomic_dir(folder) as tmp:
+    with output_folder(folder, "quantized", overwrite) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

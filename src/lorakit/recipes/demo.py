@@ -22,6 +22,7 @@ from ..data import load_records
 from ..lora.io import load_adapter
 from ..lora.merge import merge
 from ..model.load import load_model
+from ..utils.fs import atomic_file, check_output_folder, output_folder, read_manifest
 from .finetune import finetune
 from .generate import exact_match, generate, prompt_and_answer
 
@@ -55,11 +56,18 @@ def _show(title: str, prompts_answers: list[tuple[str, str]], preds: list[str], 
         print(f"  [{mark}] {instruction!r:60.60} -> {pred!r} (want {ref.strip()!r})")
 
 
-def run_demo(out: str = "runs/demo", progress: bool = True) -> int:
+def run_demo(out: str = "runs/demo", progress: bool = True, overwrite: bool = False) -> int:
+    """The demo; `out` must be new or empty, or a previous demo run (replaced: the demo is meant to be
+    run again), or with `overwrite` a previous lorakit run."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     cfg = demo_config(out)
+    previous = read_manifest(out)
+    if previous is not None and previous["kind"] == "run" and (Path(out) / "demo_summary.json").is_file():
+        log.info("replacing the previous demo run in %s (only the files lorakit wrote there)", out)
+        overwrite = True
+    check_output_folder(out, "run", overwrite)
     rows = load_records(str(ASSETS / "test.jsonl"))[:N_TEST]
     base, tokenizer = load_model(cfg.model.name_or_path, quantization="nf4", double_quant=True)
     pairs = [prompt_and_answer(r, "dolly", tokenizer, cfg.data.template) for r in rows]
@@ -69,7 +77,7 @@ def run_demo(out: str = "runs/demo", progress: bool = True) -> int:
     _show(f"before fine-tuning: exact match {100 * em_before:.1f}% on {len(rows)} held-out rows", pairs, before)
     del base
 
-    result = finetune(cfg, progress=progress)
+    result = finetune(cfg, progress=progress, overwrite=overwrite)
     model, run = result.model, result.result.run_dir
     if result.result.best_step is not None:
         load_adapter(model, run / "best_adapter")  # keep the best validation checkpoint
@@ -80,8 +88,9 @@ def run_demo(out: str = "runs/demo", progress: bool = True) -> int:
     sample = tokenizer(prompts[0] + refs[0], return_tensors="pt")["input_ids"]
     # top-1 over every position of one row, prompt included, where an untrained model has near-ties
     merged = merge(model, verify=sample, max_kl=1e-3, min_top1=0.95)
-    merged.save_pretrained(run / "merged")
-    tokenizer.save_pretrained(run / "merged")
+    with output_folder(run / "merged", "merge", overwrite=True) as tmp:  # inside the demo's own run folder
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     reloaded = AutoModelForCausalLM.from_pretrained(run / "merged")
     again = _answers(reloaded, tokenizer, prompts)
     same = sum(a == b for a, b in zip(after, again)) / len(after)
@@ -91,7 +100,8 @@ def run_demo(out: str = "runs/demo", progress: bool = True) -> int:
                "same_answers_after_merge": same, "merge_check": str(merged.lorakit_merge_report),
                "best_val_loss": result.result.best_val_loss, "train_seconds": result.result.seconds,
                "total_seconds": seconds, "peak_memory_bytes": result.result.peak_memory_bytes, "n_test": len(rows)}
-    (run / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(run / "demo_summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{merged.lorakit_merge_report}")
     print(f"merged model reloaded in plain transformers from {run / 'merged'}: exact match {100 * em_merged:.1f}%, "
           f"same answers as the adapter model on {100 * same:.1f}% of rows")

@@ -15,6 +15,7 @@ from ..model.load import load_model, prepare_for_training
 from ..report.html import write_report
 from ..report.summary import write_run_info
 from ..train.loop import TrainResult, train
+from ..utils.fs import check_output_folder
 
 log = logging.getLogger("lorakit")
 
@@ -43,8 +44,9 @@ def prepare_data(cfg: RunConfig, tokenizer):
     return train_ex, val_ex
 
 
-def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> FinetuneOutput:
+def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FinetuneOutput:
     m = cfg.model
+    check_output_folder(cfg.train.output_dir, "run", overwrite, resume)  # before loading, not after
     model, tokenizer = load_model(m.name_or_path, quantization=m.quantization, double_quant=m.double_quant,
                                   compute_dtype=cfg.train.precision, blocksize=m.blocksize,
                                   skip_modules=m.skip_modules, trust_remote_code=m.trust_remote_code,
@@ -61,7 +63,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Fin
         cfg = fit_micro_batch(cfg, model, longest)
     predicted = predict_for_run(cfg, model, seq_len=cfg.data.max_seq_len if cfg.data.pack else longest)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(model, train_ex, val_ex, cfg, pad_id=pad_id, resume=resume, progress=progress)
+    result = train(model, train_ex, val_ex, cfg, pad_id=pad_id, resume=resume, progress=progress, overwrite=overwrite)
     measure = "peak allocated" if torch.cuda.is_available() else "peak RSS (includes the process itself)"
     log.info("memory: predicted peak allocated %.0f MiB; measured %s %.0f MiB",
              predicted / 2**20, measure, result.peak_memory_bytes / 2**20)

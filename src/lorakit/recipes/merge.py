@@ -8,7 +8,7 @@ from typing import Optional
 from ..lora.io import load_adapter
 from ..lora.merge import MergeReport, merge
 from ..model.load import load_model
-from ..utils.fs import atomic_dir
+from ..utils.fs import check_output_folder, output_folder
 
 # Sample text for --verify when the caller gives none: varied words, digits and punctuation.
 VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384,400 km to the Moon; "
@@ -16,9 +16,13 @@ VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronau
 
 
 def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optional[str] = None,
-                    precision: str = "auto", verify: bool = False, max_kl: float = 1e-3) -> Optional[MergeReport]:
+                    precision: str = "auto", verify: bool = False, max_kl: float = 1e-3,
+                    overwrite: bool = False) -> Optional[MergeReport]:
     """Load the base (in 16 bits, or dequantized from 4 bits with `quantization` to merge onto exactly
-    the weights a QLoRA adapter was trained against), add the adapter, merge in fp32, save."""
+    the weights a QLoRA adapter was trained against), add the adapter, merge in fp32, save into
+    `out`: a new or empty folder, or with `overwrite` a previous merge output (utils/fs.py)."""
+    protect = [(model_path, "the base model's folder (--model)"), (adapter, "the adapter folder (--adapter)")]
+    check_output_folder(out, "merge", overwrite, protect=protect)  # before minutes of loading, not after
     model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision)
     load_adapter(model, adapter, trainable=False)
     sample = None
@@ -27,7 +31,7 @@ def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optio
             raise FileNotFoundError(f"{model_path}: --verify needs the model's tokenizer")
         sample = tokenizer(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
     merged = merge(model, verify=sample, max_kl=max_kl)
-    with atomic_dir(out) as tmp:
+    with output_folder(out, "merge", overwrite, protect=protect) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

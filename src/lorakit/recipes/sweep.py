@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,10 +32,13 @@ import torch
 from ..config import ConfigError, RunConfig, to_dict
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
 from ..train.log import read_metrics
+from ..utils.fs import atomic_file, claim_folder
 
 log = logging.getLogger("lorakit")
 METHODS = ("lora", "qlora")
 MANIFEST = "sweep.json"
+# What a sweep writes into its folder besides its run folders (utils/fs.py manifest entries).
+SWEEP_FILES = (MANIFEST, "sweep_table.md", "val_loss.svg", "best_val_vs_rank.svg", "report.html", ".*.tmp-*")
 TOLERANCE = 0.01  # best-val-loss differences under 1% are treated as noise (the issue's "within e.g. 1%")
 
 
@@ -147,12 +149,12 @@ def reset_peak_memory() -> None:
         log.info("could not reset the peak-RSS record: measured CPU peaks are cumulative over the sweep")
 
 
-def train_run(run: PlannedRun, resume: bool, progress: bool) -> None:
+def train_run(run: PlannedRun, resume: bool, progress: bool, overwrite: bool = False) -> None:
     """Train one run (or resume it); finetune leaves run_info.json and report.html in its folder."""
     from .finetune import finetune
 
     reset_peak_memory()
-    out = finetune(run.cfg, resume=resume, progress=progress)  # seeds the LoRA init from the config
+    out = finetune(run.cfg, resume=resume, progress=progress, overwrite=overwrite)  # seeds the LoRA init
     del out
     gc.collect()
 
@@ -167,37 +169,36 @@ def check_conflicts(plan: Sequence[PlannedRun]) -> None:
                                   f"use another --out, or --restart to retrain every run")
 
 
-def prepare_run(run: PlannedRun, restart: bool) -> Optional[bool]:
-    """None: reuse the finished run; else the `resume` flag to train it with (its folder made ready)."""
+def prepare_run(run: PlannedRun, restart: bool) -> Optional[str]:
+    """None: reuse the finished run; else how to train it: "new", "resume" or "again" (a previous
+    run's folder started over: only the files lorakit wrote there are replaced, utils/fs.py)."""
     d = run.run_dir
-    if restart and d.exists():
-        shutil.rmtree(d)
     if not d.exists():
-        return False
+        return "new"
+    if restart:
+        return "again"
     diffs = config_differences(read_config(d), run.cfg)
     if run_done(d) and not diffs:
         return None
     from ..train.checkpoint import latest_checkpoint
 
     if not diffs and latest_checkpoint(d) is not None:
-        return True
+        return "resume"
     log.info("%s: unfinished and %s: starting it again", d, "config changed" if diffs else "no checkpoint")
-    shutil.rmtree(d)
-    return False
+    return "again"
 
 
 def execute(run: PlannedRun, restart: bool, progress: bool) -> str:
     """Bring one run to done; returns "reused", "trained" or "resumed"."""
-    resume = prepare_run(run, restart)
-    if resume is None:
+    how = prepare_run(run, restart)
+    if how is None:
         return "reused"
-    train_run(run, resume, progress)
-    if resume and not run_done(run.run_dir):  # e.g. killed between its last checkpoint and the adapter
+    train_run(run, resume=how == "resume", progress=progress, overwrite=how == "again")
+    if how == "resume" and not run_done(run.run_dir):  # e.g. killed between its last checkpoint and the adapter
         log.info("%s: the resumed run did not finish cleanly: training it again from step 0", run.name)
-        shutil.rmtree(run.run_dir)
-        train_run(run, False, progress)
+        train_run(run, resume=False, progress=progress, overwrite=True)
         return "trained"
-    return "resumed" if resume else "trained"
+    return "resumed" if how == "resume" else "trained"
 
 
 # ------------------------------------------------------------------ compare
@@ -268,9 +269,8 @@ def merge_command(best: RunSummary, cfg: RunConfig, sweep_dir: Path) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader sees the old manifest or the new one, never half of one
+    with atomic_file(path) as tmp:  # a reader sees the old manifest or the new one, never half of one
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _manifest(cfg: RunConfig, plan: Sequence[PlannedRun], status: dict, ratio_note: dict) -> dict:
@@ -289,8 +289,9 @@ def run_sweep(cfg: RunConfig, ranks: Sequence[int], methods: Sequence[str] = ("l
     from ..report.html import write_report, write_sweep_charts
 
     root = Path(sweep_dir or cfg.train.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     plan = plan_sweep(cfg, ranks, methods, alpha_ratio, lrs, root)
+    # a sweep folder is continued by running the same command again (finished runs are reused)
+    claim_folder(root, "sweep", SWEEP_FILES + tuple(p.name for p in plan), resume=True)
     if not restart:
         check_conflicts(plan)
     note = {"alpha_ratio": plan[0].cfg.lora.alpha / plan[0].cfg.lora.r, "tolerance": tolerance}
@@ -333,7 +334,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config field for every run, e.g. --set train.max_steps=200 (repeatable)")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder [default: the config's train.output_dir]")
-    p.add_argument("--restart", action="store_true", help="retrain every run from scratch (deletes their folders)")
+    p.add_argument("--restart", action="store_true", help="retrain every run from scratch (replaces the files lorakit wrote in their folders, nothing else)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="FRACTION",
                    help="relative best-val-loss difference treated as noise when naming the best run [default: 0.01]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

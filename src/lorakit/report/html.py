@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ..train.log import read_metrics
 from . import charts
 from .summary import RunSummary, fmt_bytes, fmt_num, read_samples, summarize_run, table_rows
+from ..utils.fs import atomic_file, check_output_file
 from .svg import standalone
 
 log = logging.getLogger("lorakit")
@@ -40,8 +41,20 @@ pre { background: #f7f7f7; padding: 8px; font-size: 12px; overflow-x: auto; }
 """
 
 
+GENERATOR = '<meta name="generator" content="lorakit">'  # how lorakit knows a report file is its own
+
+
+def is_report(path: Path) -> bool:
+    """True when `path` is an HTML report lorakit wrote (its head names lorakit as the generator)."""
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
 def _page(title: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
@@ -160,8 +173,10 @@ def write_sweep_charts(sweep_dir: str | os.PathLike) -> list[Path]:
     return [sweep_dir / n for n in files]
 
 
-def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
-    """Write report.html for a run folder or a sweep folder (one with sweep.json); returns its path."""
+def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = None, overwrite: bool = False) -> Path:
+    """Write report.html for a run folder or a sweep folder (one with sweep.json); returns its path.
+    Inside the folder it is lorakit's own file and is brought up to date; `out` elsewhere must be a
+    new file, or with `overwrite` a report lorakit wrote (utils/fs.py)."""
     path = Path(path)
     if (path / SWEEP_MANIFEST).is_file():
         title, body = f"lorakit sweep {path.name}", sweep_body(path)
@@ -169,19 +184,23 @@ def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = Non
         title, body = f"lorakit run {path.name}", run_body(path, summarize_run(path))
     else:
         raise FileNotFoundError(f"{path}: neither a run folder (metrics.jsonl) nor a sweep folder ({SWEEP_MANIFEST})")
-    target = Path(out) if out else path / REPORT_NAME
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(_page(title, body), encoding="utf-8")
-    os.replace(tmp, target)
+    if out is None:
+        target = path / REPORT_NAME
+        check_output_file(target, "report", True, is_report)  # only ever replaces its own report
+    else:
+        target = check_output_file(out, "report", overwrite, is_report)
+    with atomic_file(target) as tmp:
+        tmp.write_text(_page(title, body), encoding="utf-8")
     return target
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a run folder (with metrics.jsonl) or a sweep folder (with sweep.json)")
     p.add_argument("--out", default=None, help=f"output file [default: PATH/{REPORT_NAME}]")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a report lorakit wrote")
 
 
 def main(args) -> int:
-    target = write_report(args.path, args.out)
+    target = write_report(args.path, args.out, overwrite=args.overwrite)
     print(f"report -> {target}")
     return 0

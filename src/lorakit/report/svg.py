@@ -127,7 +127,8 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str, w
     series = [Series(s.name, _finite(s.points), s.color or PALETTE[i % len(PALETTE)], s.markers, s.line, s.dashed,
                      s.labels) for i, s in enumerate(series)]
     pts = [p for s in series for p in s.points if not log_x or p[0] > 0]
-    xs, ys = [p[0] for p in pts] or [0.0, 1.0], [p[1] for p in pts] or [0.0, 1.0]
+    empty_x = [1.0, 2.0] if log_x else [0.0, 1.0]  # no data: an empty frame (log axes need x > 0)
+    xs, ys = [p[0] for p in pts] or list(xticks or empty_x), [p[1] for p in pts] or [0.0, 1.0]
     yticks = nice_ticks(min(ys), max(ys))
     if xticks is None:
         xticks = sorted(set(xs)) if log_x else nice_ticks(min(xs), max(xs))

@@ -25,6 +25,11 @@ from ..utils.fs import atomic_dir
 
 STATE_NAME = "trainer_state.pt"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# What lorakit writes into a run folder (train.output_dir), as utils/fs.py manifest entries: the
+# files and sub-folders `--overwrite` may replace. Anything else in the folder is the user's.
+RUN_FILES = ("metrics.jsonl", "run_config.yaml", "run_info.json", "report.html", "loss_curve.png", "samples.jsonl",
+             "tensorboard", "adapter", "best_adapter", "checkpoint-*", ".checkpoint-*", ".adapter*", ".best_adapter*",
+             "merged", ".merged*", "demo_summary.json")
 
 
 def rng_state() -> dict:

@@ -26,7 +26,8 @@ from torch import nn
 from ..config import RunConfig, to_dict
 from ..data.collate import collate, collate_packed, pack_examples
 from ..lora.io import save_adapter
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
+from ..utils.fs import claim_folder
+from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
 from .log import MetricsWriter, peak_memory_bytes, plot_loss_curve
 from .loss import causal_lm_loss_sum, count_supervised
 from .optim import build_optimizer
@@ -141,14 +142,15 @@ def first_nonfinite_module(model: nn.Module, batch: dict, chunk: int) -> str:
 
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
-          pad_id: int, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the LoRA parameters of `model` (already adapted) and write the run folder."""
+          pad_id: int, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train the LoRA parameters of `model` (already adapted) and write the run folder: a new or
+    empty folder, a previous run with `resume` (continued) or `overwrite` (its files replaced;
+    anything else in the folder stays), see utils/fs.py."""
     import yaml
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    run_dir = Path(tc.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_folder(tc.output_dir, "run", RUN_FILES, overwrite=overwrite, resume=resume)
     device = next(p.device for p in model.parameters())
     torch.manual_seed(tc.seed)
     data = Batches(train_examples, tc.micro_batch_size, tc.seed, pad_id, cfg.data.pack, cfg.data.max_seq_len)
@@ -235,7 +237,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     bar.close()
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
-        save_adapter(model, run_dir / "adapter")
+        save_adapter(model, run_dir / "adapter", overwrite=True)
     peak = peak_memory_bytes(device)
     metrics.write({"step": state["step"], "event": "end", "reason": reason, "peak_memory_bytes": peak,
                    "seconds": elapsed, "best_val_loss": state["best_val"], "best_step": state["best_step"]})
@@ -259,7 +261,7 @@ def _evaluate_and_track(model, val, device, tc, state, window, metrics, run_dir,
     state["last_eval"] = (val_loss, train_mean)
     if state["best_val"] is None or val_loss < state["best_val"] - tc.early_stopping_min_delta:
         state["best_val"], state["best_step"], state["bad_evals"] = val_loss, step, 0
-        save_adapter(model, run_dir / "best_adapter")
+        save_adapter(model, run_dir / "best_adapter", overwrite=True)
         return False
     state["bad_evals"] += 1
     return bool(tc.early_stopping_patience) and state["bad_evals"] >= tc.early_stopping_patience
