@@ -52,19 +52,19 @@ def load_lorakit(folder: str, quantized: bool, gc: bool):
 
     model, _ = lorakit.load_model(folder, quantization="nf4" if quantized else None, double_quant=True,
                                   compute_dtype="bfloat16", load_tokenizer=False, device="cpu")
-    from lorakit.model.load import prepare_for_training
+    from lorakit.train.loop import accumulate_gradients
+    from lorakit.train.setup import prepare_for_training
+    from lorakit.train.step import TrainStep
 
     prepare_for_training(model, gradient_checkpointing=gc)  # as recipes/finetune.py does, default config
     lorakit.add_lora(model, lorakit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                                target_modules="all-linear"))
-    model.train()
+    train_step = TrainStep(model).train()  # forward + loss, the module the loop calls
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw_torch", lr=LR)
 
-    from lorakit.train.loop import accumulate_gradients
-
     def step(batch):
-        loss, _ = accumulate_gradients(model, [batch], chunk=1024)
+        loss, _ = accumulate_gradients(train_step, [batch])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -283,7 +283,7 @@ def report(results: list[dict], args) -> None:
                     line += (f"{b['step_s'] / peer['step_s']:>18.2f}x{b['peak_rss_mb'] / peer['peak_rss_mb']:>5.2f}x"
                              f"{b['load_s'] / peer['load_s']:>5.2f}x")
                 print(line)
-    print(f"\nuseful FLOPs per step (4 x matmul params x tokens + LoRA + attention; no recomputation): "
+    print("\nuseful FLOPs per step (4 x matmul params x tokens + LoRA + attention; no recomputation): "
           + ", ".join(f"T={s}: {C.useful_flops(shape, s, s)['flops'] / 1e9:.0f} GFLOP" for s in args.seq))
 
 

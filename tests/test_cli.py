@@ -35,6 +35,9 @@ def test_train_eval_merge_generate(model_dir, data_file, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "best validation loss" in out and "peak memory" in out
+    import re
+    printed = int(re.search(r"(\d+) MiB predicted", out).group(1))  # one prediction per run, printed and recorded
+    assert round(json.loads((run / "run_info.json").read_text())["predicted_peak_bytes"] / 2**20) == printed
     records = read_metrics(run)
     train_losses = [r["loss"] for r in records if "loss" in r]
     assert len(train_losses) == 30 and train_losses[-1] < 0.5 * train_losses[0]

@@ -9,11 +9,10 @@ import json
 import stat
 
 import pytest
-import torch
 
 import lorakit
 from lorakit.cli import main
-from lorakit.model.quantized import save_quantized
+from lorakit.model.quantized_checkpoint import save_quantized
 from lorakit.recipes import sweep
 from lorakit.utils.fs import MANIFEST, OutputError
 

@@ -8,6 +8,7 @@ overrides such as ``train.lr=2e-4`` patch one field.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -122,6 +123,10 @@ class ModelConfig:
     for bit the same; 2 x intermediate x seq_len fewer values per layer), and RMSNorms (Llama,
     Qwen2, Mistral, Phi-3) keep their input in the compute dtype instead of an fp32 copy.
     Qwen2.5-0.5B, T=256, no checkpointing: ~140 MB less."""
+    fast_paths: bool = True
+    """Step-level optimisations that change how a step computes, never what (train/setup.py): lean
+    activations, checkpoint replay, the fused head loss and the compiled 4-bit kernels. false (or
+    `lorakit train --reference`) turns them all off for debugging numerics: the plain references."""
 
     def __post_init__(self):
         if isinstance(self.skip_modules, (list, str)):
@@ -349,3 +354,47 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
             raise ConfigError(f"{p}: the top level must be a mapping with sections model/lora/data/train")
     data = apply_overrides(data, list(overrides))
     return from_dict(RunConfig, data)
+
+
+# ---------------------------------------------------------------- the command line (config = CLI)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that build a RunConfig (`lorakit train`, `lorakit sweep`): a YAML file, shortcuts,
+    --set overrides and one --section.field flag per field, documented by its docstring."""
+    p.add_argument("config", nargs="?", help="YAML config file (sections: model, lora, data, train)")
+    p.add_argument("--model", dest="shortcut_model", metavar="PATH", help="shortcut for --model.name_or_path")
+    p.add_argument("--data", dest="shortcut_data", metavar="FILE", help="shortcut for --data.path")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--fit-memory", dest="shortcut_fit", metavar="SIZE", help="shortcut for --train.fit_memory (e.g. 15GiB)")
+    p.add_argument("--reference", dest="shortcut_reference", action="store_true",
+                   help="shortcut for --model.fast_paths false: every step-level fast path off (debugging numerics)")
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        group = p.add_argument_group(f"{section} options (YAML section '{section}:')")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(f"--{section}.{f.name}", dest=f"field:{section}.{f.name}", metavar="VALUE",
+                               help=f"{docs.get(f.name, '')} [default: {default!r}]".replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """RunConfig from flags added by add_run_arguments: YAML file, then --set overrides, shortcuts
+    and --section.field flags, in that order."""
+    overrides = list(args.set)
+    for attr, key in (("shortcut_model", "model.name_or_path"), ("shortcut_data", "data.path"),
+                      ("shortcut_fit", "train.fit_memory")):
+        if getattr(args, attr, None):
+            overrides.append(f"{key}={getattr(args, attr)}")
+    if getattr(args, "shortcut_reference", False):
+        overrides.append("model.fast_paths=false")
+    for key, value in vars(args).items():
+        if key.startswith("field:") and value is not None:
+            overrides.append(f"{key[len('field:'):]}={value}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path is not set; give --model PATH or model.name_or_path in the config")
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set; give --data FILE or data.path in the config")
+    return cfg

@@ -8,14 +8,14 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, Linear4bit, add_lora
-from lorakit.lora.inject import replace_module
+from lorakit.model.modules import replace_module
 from lorakit.memory.activations import activation_bytes
 from lorakit.memory.measure import save_random_checkpoint
 from lorakit.memory.estimate import Settings, adapted_layers, estimate, linear4bit_bytes, optimizer_state_bytes
 from lorakit.memory.planner import DoesNotFit, fit, parse_size, plan_micro_batch, predict_for_run, settings_for_run
 from lorakit.memory.shapes import builtin_names, from_builtin, from_hf_config, resolve_shape
 from lorakit.model.load import load_model, quantize_targets
-from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.step import TrainStep
 from lorakit.train.optim import build_optimizer, state_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -118,10 +118,10 @@ def test_saved_activations_match_autograd(case, monkeypatch):
         return t
 
     if lean:
-        assert lean_mod.lean_activations(model) == 3 * model.config.num_hidden_layers + 1  # MLPs, norms
-        # the lean MLP's own hooks stand aside under other hooks; let them run inside this one and
-        # count what they keep as they are (not the rebuilt down_proj input)
-        monkeypatch.setattr(lean_mod, "_hooks_active", lambda: False)
+        counts = lean_mod.install_lean(model)
+        assert counts == {"mlp": model.config.num_hidden_layers, "norm": 2 * model.config.num_hidden_layers + 1}
+        # the lean MLP's own hooks run inside this one: count what they keep as they are (not the
+        # rebuilt down_proj input)
         init = lean_mod._RebuildProduct.__init__
 
         def counting_init(self, *args):
@@ -131,7 +131,7 @@ def test_saved_activations_match_autograd(case, monkeypatch):
 
         monkeypatch.setattr(lean_mod._RebuildProduct, "__init__", counting_init)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss_sum(model, batch, 1024)
+        TrainStep(model)(batch)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     measured = sum(v for k, v in saved.items() if k not in weights)
     shape = from_hf_config(model.config)

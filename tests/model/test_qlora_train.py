@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.train.loss import causal_lm_loss_sum, count_supervised
+from lorakit.train.loss import count_supervised
+from lorakit.train.step import TrainStep
 from tiny_models import TINY, tiny_model
 
 STEPS = 60
@@ -37,7 +38,7 @@ def _train(model, steps=STEPS, lr=1e-2):
     model.train()
     losses = []
     for _ in range(steps):
-        loss = causal_lm_loss_sum(model, batch) / n_tokens
+        loss = TrainStep(model)(batch)[0] / n_tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,8 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.model import quantized
-from lorakit.model.quantized import QUANT_CONFIG_NAME, quantize_weight, save_quantized
+from lorakit.model.quantized_checkpoint import QUANT_CONFIG_NAME, save_quantized
+from lorakit.quant import linear4bit as linear4bit_mod
+from lorakit.quant import nf4 as nf4_mod
+from lorakit.quant.nf4 import quantize_weight
 from lorakit.recipes import quant_report
 from tiny_models import tiny_model
 
@@ -41,8 +43,9 @@ def _no_quantizing(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("reloading a save_quantized folder must not quantize")
 
-    monkeypatch.setattr(quantized, "quantize_4bit", refuse)
-    monkeypatch.setattr(quantized, "quantize_weight", refuse)
+    for module in (nf4_mod, linear4bit_mod):  # every name a Linear4bit could quantize through
+        monkeypatch.setattr(module, "quantize_4bit", refuse)
+    monkeypatch.setattr(linear4bit_mod, "quantize_weight", refuse)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", "gpt2"])

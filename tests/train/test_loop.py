@@ -8,13 +8,14 @@ import torch
 
 import lorakit
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
-from lorakit.data import collate
+from lorakit.data import Batches, collate
 from lorakit.train import checkpoint as ckpt_mod
 from lorakit.train import loop as loop_mod
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.loop import accumulate_gradients, train
-from lorakit.model.load import enable_gradient_checkpointing
-from lorakit.train.loss import causal_lm_loss_sum, count_supervised
+from lorakit.train.loss import count_supervised
+from lorakit.train.setup import enable_gradient_checkpointing
+from lorakit.train.step import TrainStep
 
 from tiny_models import make_examples, tiny_model
 
@@ -45,10 +46,10 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     for _, layer in lorakit.lora.inject.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     model.train()
-    accumulate_gradients(model, [collate(examples, PAD)], chunk=7)
+    accumulate_gradients(TrainStep(model, 7), [collate(examples, PAD)])
     big = lora_grads(model)
     model.zero_grad()
-    accumulate_gradients(model, [collate([e], PAD) for e in examples], chunk=7)
+    accumulate_gradients(TrainStep(model, 7), [collate([e], PAD) for e in examples])
     small = lora_grads(model)
     for name in big:
         assert torch.allclose(big[name], small[name], atol=1e-6, rtol=0), name
@@ -58,8 +59,8 @@ def test_chunked_loss_equals_plain_loss():
     model = tiny_model("qwen2")
     batch = collate(make_examples(3, seed=2), PAD)
     plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    for chunk in (1, 5, 1000):
-        ours = causal_lm_loss_sum(model, batch, chunk) / count_supervised(batch["labels"])
+    for chunk, fused in ((1, False), (5, False), (1000, False), (1024, True)):
+        ours = TrainStep(model, chunk, fused_loss=fused)(batch)[0] / count_supervised(batch["labels"])
         assert abs(float(ours) - float(plain)) < 1e-5
 
 
@@ -142,8 +143,8 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path):
     assert result.steps < 60 and result.best_step < result.steps
     # the saved best adapter reproduces the best validation loss
     model = lorakit.load_adapter(tiny_model("llama"), tmp_path / "best_adapter")
-    val_batches = loop_mod.Batches(make_examples(6, seed=9), 2, 3, PAD, shuffle=False)
-    assert abs(loop_mod.evaluate(model, val_batches, torch.device("cpu"), 1024) - result.best_val_loss) < 1e-5
+    val_batches = Batches(make_examples(6, seed=9), 2, 3, PAD, shuffle=False)
+    assert abs(loop_mod.evaluate(TrainStep(model), val_batches, torch.device("cpu")) - result.best_val_loss) < 1e-5
     _, vals = _losses(tmp_path)
     assert min(v for _, v in vals) == pytest.approx(result.best_val_loss)
 
@@ -202,7 +203,7 @@ def test_checkpointing_replays_small_frozen_outputs(tmp_path, quantization):
             if name.endswith(("self_attn.q_proj.base_layer", "mlp.down_proj.base_layer", "mlp.up_proj.base_layer")):
                 kind = name.split(".")[-2]
                 module.register_forward_hook(lambda *_, kind=kind: count.__setitem__(kind, count.get(kind, 0) + 1))
-        accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
+        accumulate_gradients(TrainStep(model, 16), [collate(examples, PAD)])
         grads[ckpt], calls[ckpt] = lora_grads(model), count
     layers = len(model.model.layers)
     assert calls[False] == {"q_proj": layers, "up_proj": layers, "down_proj": layers}
@@ -212,18 +213,18 @@ def test_checkpointing_replays_small_frozen_outputs(tmp_path, quantization):
 
 
 def test_replay_refuses_an_output_that_does_not_fit():
-    from lorakit.model import checkpointing
+    from lorakit.model import replay as replay_mod
 
     layer = lorakit.Linear4bit(8, 4, bias=False, compute_dtype=torch.float32)
-    record, replay = checkpointing.replay_contexts()
+    record, replay = replay_mod.replay_contexts()
     with record:
-        checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+        replay_mod.replayed(layer, torch.randn(2, 8))
     with replay, pytest.raises(RuntimeError, match="does not fit input"):
-        checkpointing.frozen_output(layer, torch.randn(3, 8), layer)
+        replay_mod.replayed(layer, torch.randn(3, 8))
     with replay:
-        checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+        replay_mod.replayed(layer, torch.randn(2, 8))
         with pytest.raises(RuntimeError, match="more kept outputs"):
-            checkpointing.frozen_output(layer, torch.randn(2, 8), layer)
+            replay_mod.replayed(layer, torch.randn(2, 8))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -238,7 +239,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             enable_gradient_checkpointing(model)
             assert model.is_activation_checkpointing
         model.train()
-        accumulate_gradients(model, [collate(examples, PAD)], chunk=16)
+        accumulate_gradients(TrainStep(model, 16), [collate(examples, PAD)])
         grads.append(lora_grads(model))
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

@@ -7,7 +7,7 @@ import lorakit
 from lorakit.config import LoraConfig
 from lorakit.data import collate
 from lorakit.train import loss as loss_mod
-from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.step import TrainStep
 
 from tiny_models import make_examples, tiny_model
 
@@ -20,14 +20,13 @@ def test_fused_head_ce_matches_general_path(monkeypatch, dtype, rows, cols):
     for _, layer in lorakit.lora.inject.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     batch = collate(make_examples(3, seed=2), 0)
-    assert loss_mod._fast_head(model, model.get_output_embeddings(), torch.zeros(1, dtype=dtype))
-    monkeypatch.setattr(loss_mod, "_HEAD_ROWS", rows)
-    monkeypatch.setattr(loss_mod, "_HEAD_COLS", cols)  # several vocabulary slices, the last one ragged
+    assert loss_mod.fast_head(model, model.get_output_embeddings(), dtype)
+    monkeypatch.setattr(loss_mod, "HEAD_ROWS", rows)
+    monkeypatch.setattr(loss_mod, "HEAD_COLS", cols)  # several vocabulary slices, the last one ragged
     results = []
     for fast in (True, False):
-        monkeypatch.setattr(loss_mod, "_fast_head", lambda *a, fast=fast: fast)
         model.zero_grad()
-        loss = causal_lm_loss_sum(model, batch, chunk_size=5)
+        loss, _ = TrainStep(model, loss_chunk_size=5, fused_loss=fast)(batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (l1, g1), (l2, g2) = results
@@ -41,13 +40,13 @@ def test_fused_head_ce_matches_general_path(monkeypatch, dtype, rows, cols):
 def test_fused_head_not_used_for_trainable_or_capped_heads():
     model = tiny_model("qwen2")
     head = model.get_output_embeddings()
-    h = torch.zeros(1, dtype=head.weight.dtype)
+    dtype = head.weight.dtype
     head.weight.requires_grad_(True)
-    assert not loss_mod._fast_head(model, head, h)
+    assert not loss_mod.fast_head(model, head, dtype)
     head.weight.requires_grad_(False)
-    assert loss_mod._fast_head(model, head, h)
+    assert loss_mod.fast_head(model, head, dtype)
     model.config.final_logit_softcapping = 30.0
-    assert not loss_mod._fast_head(model, head, h)
+    assert not loss_mod.fast_head(model, head, dtype)
 
 
 def test_fused_head_online_softmax_is_exact_when_the_max_moves_between_slices():
@@ -59,13 +58,13 @@ def test_fused_head_online_softmax_is_exact_when_the_max_moves_between_slices():
     weight[-3:] *= 40.0  # the last slice holds logits ~100x larger than the first
     h = torch.randn(n, hidden, requires_grad=True)
     y = torch.tensor([0, 49, 10, 48, 25, 3])
-    old = loss_mod._HEAD_COLS
+    old = loss_mod.HEAD_COLS
     try:
-        loss_mod._HEAD_COLS = 16
-        fused = loss_mod._LinearCrossEntropySum.apply(h, weight, y, True)
+        loss_mod.HEAD_COLS = 16
+        fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True)
         (g_fused,) = torch.autograd.grad(fused, h)
     finally:
-        loss_mod._HEAD_COLS = old
+        loss_mod.HEAD_COLS = old
     ref = torch.nn.functional.cross_entropy(h @ weight.t(), y, reduction="sum")
     (g_ref,) = torch.autograd.grad(ref, h)
     assert torch.isfinite(fused)
@@ -77,4 +76,4 @@ def test_fused_head_rejects_labels_outside_the_vocabulary():
     weight = torch.randn(10, 4)
     h = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(ValueError, match=r"label 10 is outside the model's vocabulary \[0, 10\)"):
-        loss_mod._LinearCrossEntropySum.apply(h, weight, torch.tensor([1, 10]), True)
+        loss_mod.LinearCrossEntropySum.apply(h, weight, torch.tensor([1, 10]), True)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
-from lorakit.train.loop import Batches, evaluate, train
-from lorakit.train.precision import cpu_has_native_bf16, precision_policy, resolve_dtype
+from lorakit.config import ConfigError, DataConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.data import Batches
+from lorakit.precision import cpu_has_native_bf16, resolve_dtype, resolve_precision
+from lorakit.train.loop import evaluate, train
+from lorakit.train.step import TrainStep
 
 from tiny_models import make_examples, tiny_model
 
@@ -26,17 +28,39 @@ def test_auto_on_cpu_follows_native_bf16():
     assert resolve_dtype("auto", "cpu") is want
 
 
-def test_auto_on_devices(monkeypatch):
+@pytest.mark.parametrize("capability,want", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                             ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, want):
+    """A T4 (sm_75) gets fp16 even though torch.cuda.is_bf16_supported() says True there (emulation)."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", "cuda") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_dtype("auto", "cuda") is torch.float16  # e.g. a T4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert resolve_dtype("auto", "cuda") is want
+    assert resolve_precision("auto", "cuda").loss_scaling == (want is torch.float16)
+
+
+def test_auto_on_mps():
     assert resolve_dtype("auto", "mps") is torch.float16
 
 
 def test_loss_scaling_only_for_fp16():
-    assert precision_policy("fp16").loss_scaling and not precision_policy("bf16").loss_scaling
-    assert not precision_policy("fp32").loss_scaling
+    assert resolve_precision("fp16").loss_scaling and not resolve_precision("bf16").loss_scaling
+    assert not resolve_precision("fp32").loss_scaling
+
+
+def test_impossible_combinations_are_config_errors():
+    with pytest.raises(ConfigError, match="adapter_dtype='compute' with fp16 compute"):
+        resolve_precision("fp16", "cpu", adapter_dtype="compute")
+    assert resolve_precision("bf16", "cpu", adapter_dtype="compute").adapter_dtype is torch.bfloat16
+    assert resolve_precision("fp16", "cpu").adapter_dtype is torch.float32
+
+
+def test_the_loop_checks_the_model_against_the_precision(tmp_path):
+    model = lorakit.add_lora(tiny_model("llama", dtype=torch.float16), LoraConfig(r=4))
+    cfg = RunConfig(train=TrainConfig(output_dir=str(tmp_path), precision="bf16", max_steps=1, save_every=0))
+    with pytest.raises(ConfigError, match=r"train.precision='bf16', but the model's frozen weights are fp16"):
+        train(model, make_examples(2), [], cfg, pad_id=0, progress=False)
+    with pytest.raises(ConfigError, match="the run's precision is compute bf16"):
+        train(model, make_examples(2), [], cfg, pad_id=0, progress=False, precision=resolve_precision("bf16"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -47,15 +71,15 @@ def test_low_precision_base_trains_with_fp32_adapters(dtype, tmp_path):
     cfg = RunConfig(data=DataConfig(max_seq_len=64), train=TrainConfig(
         output_dir=str(tmp_path), micro_batch_size=4, lr=1e-2, max_steps=25, eval_every=0, save_every=0))
     examples = make_examples(4, seed=3)
-    before = evaluate(model, Batches(examples, 4, 0, 0, shuffle=False), torch.device("cpu"), 1024)
+    before = evaluate(TrainStep(model), Batches(examples, 4, 0, 0, shuffle=False), torch.device("cpu"))
     result = train(model, examples, [], cfg, pad_id=0, progress=False)
-    after = evaluate(model, Batches(examples, 4, 0, 0, shuffle=False), torch.device("cpu"), 1024)
+    after = evaluate(TrainStep(model), Batches(examples, 4, 0, 0, shuffle=False), torch.device("cpu"))
     assert math.isfinite(result.final_train_loss) and after < 0.7 * before
 
 
 def test_packed_and_unpacked_validation_loss_agree():
     model = tiny_model("llama")
     examples = make_examples(7, seed=5)
-    plain = evaluate(model, Batches(examples, 3, 0, 0, shuffle=False), torch.device("cpu"), 1024)
-    packed = evaluate(model, Batches(examples, 2, 0, 0, pack=True, max_seq_len=32, shuffle=False), torch.device("cpu"), 1024)
+    plain = evaluate(TrainStep(model), Batches(examples, 3, 0, 0, shuffle=False), torch.device("cpu"))
+    packed = evaluate(TrainStep(model), Batches(examples, 2, 0, 0, pack=True, max_seq_len=32, shuffle=False), torch.device("cpu"))
     assert abs(plain - packed) < 1e-5

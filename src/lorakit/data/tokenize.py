@@ -45,6 +45,12 @@ class DataStats:
     format: str = ""
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is never
+    supervised nor attended, whatever its id)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front when asked for special tokens (Llama does, GPT-2/Qwen don't)."""
     bos = getattr(tokenizer, "bos_token_id", None)

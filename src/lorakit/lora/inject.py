@@ -8,18 +8,11 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..model.lean import remove_lean
+from ..model.modules import compute_dtype_of, replace_module
 from ..model.targets import find_targets, name_matches
-from .layer import LoRALinear, ModulesToSave, compute_dtype_of
-
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = get_submodule_parent(model, name)
-    setattr(parent, child, new)
+from ..quant.linear4bit import Linear4bit
+from .layer import LoRALinear, ModulesToSave
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -78,12 +71,14 @@ def _set_bias_trainable(model: nn.Module, mode: str) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter and put the original layers back (the base model, unchanged)."""
+    """Remove every adapter and put the original layers back (the base model, unchanged: lean
+    training modules, model/lean.py, are swapped back too)."""
     for name, layer in list(lora_layers(model)):
         replace_module(model, name, layer.base_layer)
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             replace_module(model, name, module.original_module)
+    remove_lean(model)
     if hasattr(model, "lorakit_config"):
         del model.lorakit_config
     return model
@@ -100,7 +95,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if ".original_module." not in name and ".lora_A." not in name and ".lora_B." not in name:
             total += p.numel()
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        if isinstance(module, Linear4bit):
             total += module.in_features * module.out_features
     return trainable, total
 

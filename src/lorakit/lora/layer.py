@@ -4,8 +4,9 @@
 
     x: [..., in]   A: [r, in]   B: [out, r]   scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
-The branch runs in the dtype `train.precision.lora_branch_dtype` picks (default: the activations'
-dtype, on copies of the fp32 weights, as autocast does; "adapter": PEFT's fp32 branch).
+The branch runs in the dtype `lora_branch_dtype` picks (default: the activations' dtype, on copies
+of the fp32 weights, as autocast does; "adapter": PEFT's fp32 branch). Inside a checkpointed layer
+the frozen base output is recorded and replayed rather than recomputed (model/replay.py).
 
 The wrapper keeps the original layer untouched as `base_layer` (an `nn.Linear`, a GPT-2 `Conv1D`
 whose weight is stored transposed as [in, out], or a 4-bit `Linear4bit`), so removing the adapter
@@ -14,6 +15,7 @@ puts exactly that layer back. B starts at zero, so an adapted model starts equal
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -21,30 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.checkpointing import frozen_output
-from ..train.precision import lora_branch_dtype
+from ..model.modules import compute_dtype_of, is_conv1d, linear_features, model_device
+from ..model.replay import replayed
+
+BRANCH_DTYPES = ("compute", "adapter")
 
 
-def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, a transformers Conv1D or a Linear4bit."""
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return layer.in_features, layer.out_features
-    if is_conv1d(layer):
-        in_f, out_f = layer.weight.shape  # Conv1D stores W^T: [in, out]
-        return in_f, out_f
-    raise TypeError(f"{type(layer).__name__} is not a linear layer lorakit can adapt")
+def lora_branch_dtype(mode: str, activation_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the LoRA branch's matmuls u = x @ A^T, y += scaling * u @ B^T.
 
-
-def is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as [out, in] in fp32 (dequantized for 4-bit layers, transposed for Conv1D)."""
-    if hasattr(layer, "dequantize"):
-        return layer.dequantize(torch.float32)
-    w = layer.weight.detach().float()
-    return w.t() if is_conv1d(layer) else w
+    "compute" (default): the activations' dtype. With a bf16 base and fp32 adapters the branch then
+        reads the bf16 input as it is (no fp32 copy of x per layer, which autograd would also keep
+        for backward), adds its update with one addmm, and its weight gradients are rounded to bf16
+        before they accumulate into the fp32 .grad (what mixed-precision training does everywhere).
+        Measured on the Qwen2.5-0.5B bench (2 CPU cores, bf16): see bench/SPEED.md.
+    "adapter": the adapter weights' dtype (fp32 by default): the input is cast up, the update is
+        computed in fp32 and rounded once when added to the base output, as PEFT does.
+    """
+    if mode not in BRANCH_DTYPES:
+        raise ValueError(f"lora.branch_dtype={mode!r} is not allowed; choose one of {BRANCH_DTYPES}")
+    return activation_dtype if mode == "compute" else adapter_dtype
 
 
 class LoRALinear(nn.Module):
@@ -63,8 +61,7 @@ class LoRALinear(nn.Module):
         # LoRA paper eq. 4 scales by alpha / r; rsLoRA (Kalajdzievski 2023) by alpha / sqrt(r).
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        device = next((t.device for t in base_layer.parameters()), None) or next(
-            (t.device for t in base_layer.buffers()), torch.device("cpu"))
+        device = model_device(base_layer)
         dtype = adapter_dtype or compute_dtype_of(base_layer)
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=dtype)   # weight [r, in]
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=dtype)  # weight [out, r]
@@ -84,7 +81,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_layer is not None:
             return self.merged_layer(x)
-        result = frozen_output(self.base_layer, x, self.base_layer)          # [..., out], base dtype
+        result = replayed(self.base_layer, x)                                # [..., out], base dtype
         dtype = lora_branch_dtype(self.branch_dtype, result.dtype, self.lora_A.weight.dtype)
         a_in = self.lora_dropout(x).to(dtype)                                # [..., in]
         u = F.linear(a_in, self.lora_A.weight.to(dtype))                     # [..., r]
@@ -121,8 +118,6 @@ class ModulesToSave(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        import copy
-
         self.original_module = original
         self.module = copy.deepcopy(original)
         for p in self.original_module.parameters():
@@ -139,10 +134,3 @@ class ModulesToSave(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
-
-
-def compute_dtype_of(layer: nn.Module) -> torch.dtype:
-    """The dtype a layer computes in: a Linear4bit's compute_dtype, else its weight's dtype."""
-    if hasattr(layer, "compute_dtype"):
-        return layer.compute_dtype
-    return layer.weight.dtype

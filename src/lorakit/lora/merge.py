@@ -14,21 +14,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layer import LoRALinear, ModulesToSave, dense_weight, is_conv1d
-
-
-def _dense_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a merged copy of `layer` is written in: its weight's, or for a 4-bit layer its
-    compute dtype, the dtype of the model's other dense weights (16-bit in a 16-bit model)."""
-    if hasattr(layer, "compute_dtype"):
-        return layer.compute_dtype
-    return layer.weight.dtype
+from ..model.lean import remove_lean
+from ..model.modules import compute_dtype_of, dense_weight, is_conv1d, replace_module
+from ..quant.linear4bit import Linear4bit
+from .layer import LoRALinear, ModulesToSave
 
 
 def dense_copy(layer: nn.Module, weight_out_in: torch.Tensor) -> nn.Module:
     """A new plain layer of `layer`'s kind holding `weight_out_in` ([out, in], any float dtype):
     a Conv1D for a Conv1D or for a 4-bit layer that replaced one (GPT-2), else an nn.Linear."""
-    dtype = _dense_dtype(layer)
+    dtype = compute_dtype_of(layer)  # a 4-bit layer's: that of the model's other dense weights
     bias = getattr(layer, "bias", None)
     if is_conv1d(layer) or getattr(layer, "replaces_conv1d", False):
         from transformers.pytorch_utils import Conv1D
@@ -82,13 +77,11 @@ def merge(model: nn.Module, verify: Optional[torch.Tensor] = None, max_kl: float
     """Fold every adapter into its base layer and return the plain model (the same object).
 
     4-bit layers (adapted or not) become 16-bit `nn.Linear`; `modules_to_save` copies replace the
-    originals. Merging a model without adapters returns it unchanged. With `verify` (sample
+    originals; lean training modules (model/lean.py) give way to the model's own. Merging a model without adapters returns it unchanged. With `verify` (sample
     token ids [B, T]) the logits before and after are compared; a KL above `max_kl` or a top-1
     agreement below `min_top1` raises MergeVerificationError. The report is kept on
     `model.lorakit_merge_report`.
     """
-    from .inject import replace_module
-
     was_training = model.training
     model.eval()
     reference = _logits(model, verify) if verify is not None else None
@@ -98,8 +91,9 @@ def merge(model: nn.Module, verify: Optional[torch.Tensor] = None, max_kl: float
         elif isinstance(module, ModulesToSave):
             replace_module(model, name, module.module)
     for name, module in list(model.named_modules()):
-        if type(module).__name__ == "Linear4bit":
+        if isinstance(module, Linear4bit):
             replace_module(model, name, dense_copy(module, dense_weight(module)))
+    remove_lean(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if hasattr(model, "lorakit_config"):

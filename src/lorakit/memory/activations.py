@@ -24,7 +24,7 @@ plus, once: RoPE cos/sin [T, head_dim] x 2, the final norm, and the loss's super
 (`train/loss.py`). With gradient checkpointing a layer keeps only its input (H*bc per token) and
 one layer at a time is recomputed in full during backward; with QLoRA each layer also keeps the
 outputs of its adapted 4-bit layers that are no wider than their input, which the recomputation
-replays (model/checkpointing.py). These counts were checked tensor by
+replays (model/replay.py). These counts were checked tensor by
 tensor with torch.autograd.graph.saved_tensors_hooks (tests/memory/test_memory_activations.py).
 """
 
@@ -32,12 +32,6 @@ from __future__ import annotations
 
 from .shapes import ModelShape
 
-# Transient bytes per element of the [chunk, vocab] logits while one loss chunk runs backward on
-# train/loss.py's general path (under checkpoint: recomputed fp32 logits, the log_softmax output,
-# and the grads of both); measured with torch.profiler memory events, torch 2.13.
-LOSS_BYTES_PER_LOGIT = 12
-# Gemma-2 soft-capping adds tanh's saved output and its gradient, fp32.
-SOFTCAP_BYTES_PER_LOGIT = 8
 # quant/nf4.dequantize_4bit_reference at its peak holds the int64 nibble indices (8 B) and the fp32
 # values (4 B) of every weight of the layer it rebuilds; the weight in bc follows once those are freed.
 DEQUANT_REFERENCE_BYTES_PER_WEIGHT = 12
@@ -45,37 +39,17 @@ DEQUANT_REFERENCE_BYTES_PER_WEIGHT = 12
 LOOKUP_TABLE_BYTES = 65536 * 8
 
 
-def fast_loss_rows(shape: ModelShape, s) -> int:
-    """Rows per block of train/loss.py's fused head + cross-entropy, or 0 when the general
-    chunked path runs (soft-capped logits, a trained head, or a loss module without the fast path)."""
-    from ..train import loss
-
-    rows = getattr(loss, "_HEAD_ROWS", 0)
-    if not rows or not hasattr(loss, "_LinearCrossEntropySum") or shape.logit_softcap or s.method == "full":
-        return 0
-    return rows
-
-
-def _loss_grad_in_forward() -> bool:
-    """True for the fused loss that forms dL/dh in its forward pass (saves fp32 [N, H], not h)."""
-    import inspect
-
-    from ..train import loss
-
-    fn = getattr(loss, "_LinearCrossEntropySum", None)
-    return fn is not None and "with_grad" in inspect.signature(fn.forward).parameters
+def fused_loss(shape: ModelShape, s) -> bool:
+    """True when train/loss.py's fused head + cross-entropy runs (a frozen plain head, no logit
+    soft-capping, fast paths on); else its general chunked path."""
+    return s.fused_loss and not shape.logit_softcap and s.method != "full"
 
 
 def loss_saved_per_row(shape: ModelShape, s) -> int:
-    """Bytes the loss keeps for backward per supervised row (train/loss.py).
+    """Bytes the loss keeps for backward per supervised row (train/loss.py saved_bytes_per_row)."""
+    from ..train.loss import saved_bytes_per_row
 
-    general path: the hidden row (bc per element) under checkpoint + the int64 index of the
-    boolean row selection + the bool mask. fused path: + its fp32 log-sum-exp, or, when it forms
-    the gradient in forward, that fp32 [N, H] gradient instead of the row and index."""
-    h, bc = shape.hidden, s.compute_bytes
-    if not fast_loss_rows(shape, s):
-        return h * bc + 8 + 1
-    return 4 * h + 1 if _loss_grad_in_forward() else h * bc + 8 + 1 + 4
+    return saved_bytes_per_row(shape.hidden, s.compute_bytes, fused_loss(shape, s))
 
 
 def dequant_bytes_per_weight(s) -> int:
@@ -94,11 +68,12 @@ def dequant_bytes_per_weight(s) -> int:
 
 
 def lean(shape: ModelShape, s, part: str) -> bool:
-    """True when training patches this family's gated MLP (part "mlp") or RMSNorm ("norm")
-    (model/lean.py, model.lean_activations)."""
+    """True when training swaps in the lean module for this family's gated MLP (part "mlp") or
+    RMSNorm ("norm") (model/lean.py, model.lean_activations)."""
     from ..model.lean import lean_applies
 
     return s.lean_activations and lean_applies(shape.model_type)[part]
+
 
 
 def norm_saved_per_token(shape: ModelShape, s) -> int:
@@ -166,7 +141,7 @@ def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
 
 def _replayed_per_token(shape: ModelShape, s, row: list[bool]) -> int:
     """Bytes per token of the frozen outputs a checkpointed layer keeps for replay
-    (model/checkpointing.py): adapted frozen base layers (4-bit or 16-bit) with out_features <= in_features."""
+    (model/replay.py): adapted frozen base layers (4-bit or 16-bit) with out_features <= in_features."""
     if s.method == "full" or not s.ckpt_replay:
         return 0
     return sum(out_f * s.compute_bytes for (_, in_f, out_f, _), on in zip(shape.linear_layers(), row)
@@ -204,26 +179,12 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
 
 
 def loss_buffer_bytes(shape: ModelShape, s) -> int:
-    """Peak transient bytes of the cross-entropy: the logits of one block and their grads.
+    """Peak transient bytes of the cross-entropy for a micro-batch (train/loss.py transient_bytes)."""
+    from ..train.loss import transient_bytes
 
-    fused path: [rows, cols] logits (a block of rows times a slice of the vocabulary) in bc, then
-    fp32 (in place from there on; the rounded exponentials go back into the bc buffer): (4 + bc)
-    bytes per logit (4 when bc is fp32), freed before the next slice; the block's running gradient
-    [rows, H] in fp32 and one slice's product in bc; plus the [N, H] gradient of the hidden rows
-    (fp32, then bc).
-    general path: LOSS_BYTES_PER_LOGIT per logit of a loss_chunk_size chunk."""
     n_sup = s.batch_size * (s.seq_len - 1)
-    rows = fast_loss_rows(shape, s)
-    if rows:
-        from ..train import loss
-
-        bc = s.compute_bytes
-        per = 4 + (bc if bc != 4 else 0)
-        r = min(rows, n_sup)
-        cols = min(getattr(loss, "_HEAD_COLS", shape.vocab), shape.vocab)
-        return r * cols * per + r * shape.hidden * (4 + bc) + n_sup * shape.hidden * (4 + bc)
-    per = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if shape.logit_softcap else 0)
-    return min(s.loss_chunk_size, n_sup) * shape.vocab * per
+    return transient_bytes(n_sup, shape.hidden, shape.vocab, s.compute_bytes, fused_loss(shape, s),
+                           s.loss_chunk_size, bool(shape.logit_softcap))
 
 
 def workspace_bytes(shape: ModelShape, s, adapted, act: dict, loss: int) -> dict:

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Union
 
 from ..config import OPTIMIZERS
+from ..dtypes import FLOAT_DTYPES, itemsize
 from .activations import activation_bytes, loss_buffer_bytes, workspace_bytes
 from .shapes import ModelShape, resolve_shape
 
 METHODS = ("full", "lora", "qlora")
-DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = tuple(FLOAT_DTYPES)  # compute dtype names: bf16, fp16, fp32
 DEVICES = ("cuda", "cpu")
 
 # CUDA context + library handles live outside the caching allocator, so max_memory_allocated never
@@ -77,6 +78,8 @@ class Settings:
     lean_activations: bool = True
     """Gated MLPs keep only their gate and up outputs for backward, RMSNorms their input as it is
     (model.lean_activations)."""
+    fused_loss: bool = True
+    """The fused head + cross-entropy of train/loss.py (off with model.fast_paths: false)."""
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -85,7 +88,7 @@ class Settings:
 
         check("method", self.method, METHODS)
         check("optimizer", self.optimizer, OPTIMIZERS)
-        check("dtype", self.dtype, tuple(DTYPES))
+        check("dtype", self.dtype, DTYPES)
         check("device", self.device, DEVICES)
         check("attn_impl", self.attn_impl, ("", "sdpa", "eager"))
         check("adapter_dtype", self.adapter_dtype, ("float32", "compute"))
@@ -100,7 +103,7 @@ class Settings:
 
     @property
     def compute_bytes(self) -> int:
-        return DTYPES[self.dtype]
+        return itemsize(self.dtype)
 
     @property
     def adapter_bytes(self) -> int:
@@ -168,7 +171,7 @@ def quant_state_bytes(out_f: int, in_f: int, s: Settings) -> int:
 
     n_blocks = math.ceil(out_f * in_f / s.blocksize)
     meta = dict(device="meta")
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
+    dt = FLOAT_DTYPES[s.dtype]
     if s.double_quant:
         state = QuantState((out_f, in_f), dt, s.blocksize, s.quant_type, torch.empty(n_blocks, dtype=torch.uint8, **meta),
                            torch.empty(16, **meta), offset=torch.empty((), **meta),

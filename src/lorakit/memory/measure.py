@@ -1,8 +1,8 @@
 """Measure the peak memory of real training steps, to test the estimator against.
 
 What is measured: the most bytes held by live tensors at any moment of `steps` optimizer steps run
-exactly as `lorakit.train.loop.train` runs them (`accumulate_gradients` over `grad_accum`
-micro-batches, gradient clipping, `optimizer.step()`, `zero_grad(set_to_none=True)`), on a model
+exactly as `lorakit.train.loop.train` runs them (`accumulate_gradients` of the run's TrainStep over
+`grad_accum` micro-batches, gradient clipping, `optimizer.step()`, `zero_grad(set_to_none=True)`), on a model
 saved with random weights and read back by `lorakit.load_model` (quantized tensor by tensor for
 QLoRA), adapted by `lorakit.add_lora`, with the optimizer from `build_optimizer`. The model, the
 adapter, optimizer state and the batches all count; tensors created before the measurement
@@ -88,11 +88,14 @@ def _batches(vocab: int, s: Settings, n: int, device: torch.device, seed: int) -
 
 
 def _prepare(folder: Path, s: Settings, device: torch.device):
-    """load_model + gradient checkpointing + add_lora + optimizer, in the order finetune() uses."""
+    """load_model + training set-up + add_lora + optimizer, in the order finetune() uses; returns
+    (TrainStep, trainable params, optimizer)."""
     from ..config import LoraConfig
     from ..lora.inject import add_lora
-    from ..model.load import load_model, prepare_for_training
+    from ..model.load import load_model
     from ..train.optim import build_optimizer
+    from ..train.setup import FastPaths, prepare_for_training
+    from ..train.step import TrainStep
 
     model, _ = load_model(str(folder), quantization="nf4" if s.method == "qlora" else None,
                           double_quant=s.double_quant, compute_dtype=s.dtype, blocksize=s.blocksize,
@@ -102,24 +105,25 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
                           mmap_embeddings=False)
     if s.attn_impl:
         model.set_attn_implementation(s.attn_impl)
-    prepare_for_training(model, s.grad_ckpt, s.ckpt_replay, s.lean_activations)
+    fast = FastPaths(lean_activations=s.lean_activations, checkpoint_replay=s.ckpt_replay, fused_loss=s.fused_loss)
+    prepare_for_training(model, s.grad_ckpt, fast)
     if s.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         add_lora(model, LoraConfig(r=s.rank, alpha=2.0 * s.rank, dropout=s.lora_dropout, target_modules=s.targets))
-    model.train()
+    step = TrainStep(model, s.loss_chunk_size, fused_loss=fast.fused_loss).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, build_optimizer(params, s.optimizer, lr=1e-4)
+    return step, params, build_optimizer(params, s.optimizer, lr=1e-4)
 
 
-def _run_steps(model, params, optimizer, batches: list[dict], s: Settings, steps: int, accum: int) -> float:
+def _run_steps(step, params, optimizer, batches: list[dict], steps: int, accum: int) -> float:
     from ..train.loop import accumulate_gradients
 
     loss = float("nan")
-    for step in range(steps):
-        micro = batches[step * accum:(step + 1) * accum]
-        loss, _ = accumulate_gradients(model, micro, s.loss_chunk_size)
+    for i in range(steps):
+        micro = batches[i * accum:(i + 1) * accum]
+        loss, _ = accumulate_gradients(step, micro)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -130,7 +134,7 @@ def measure_case(case: MeasureCase, device: Optional[str] = None, workdir: Optio
     """Peak live bytes of `case.steps` training steps (see the module docstring)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = case.settings
-    from ..train.precision import resolve_dtype
+    from ..precision import resolve_dtype
 
     from ..quant.dynamic import clear_lookup_tables
     from ..quant.linear4bit import release_scratch
@@ -152,16 +156,16 @@ def _measure_cuda(folder: Path, case: MeasureCase, dev: torch.device) -> Measure
     s = case.settings
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()
-    model, params, opt = _prepare(folder, s, dev)
-    batches = _batches(model.config.vocab_size, s, case.steps * case.grad_accum, dev, seed=1)
+    step, params, opt = _prepare(folder, s, dev)
+    batches = _batches(step.model.config.vocab_size, s, case.steps * case.grad_accum, dev, seed=1)
     gc.collect()
     torch.cuda.synchronize(dev)
     loaded = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    loss = _run_steps(model, params, opt, batches, s, case.steps, case.grad_accum)
+    loss = _run_steps(step, params, opt, batches, case.steps, case.grad_accum)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev)
-    del model, params, opt, batches
+    del step, params, opt, batches
     gc.collect()
     torch.cuda.empty_cache()
     return Measurement(int(peak), int(loaded), "torch.cuda.max_memory_allocated", {"loss": loss})
@@ -172,13 +176,13 @@ def _measure_cpu(folder: Path, case: MeasureCase, dev: torch.device) -> Measurem
 
     s = case.settings
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, params, opt = _prepare(folder, s, dev)
-        batches = _batches(model.config.vocab_size, s, case.steps * case.grad_accum, dev, seed=1)
+        step, params, opt = _prepare(folder, s, dev)
+        batches = _batches(step.model.config.vocab_size, s, case.steps * case.grad_accum, dev, seed=1)
         gc.collect()
         with record_function(_MARK):
-            loss = _run_steps(model, params, opt, batches, s, case.steps, case.grad_accum)
+            loss = _run_steps(step, params, opt, batches, case.steps, case.grad_accum)
     loaded, peak = peak_in_window(prof, _MARK)
-    del model, params, opt, batches
+    del step, params, opt, batches
     gc.collect()
     return Measurement(peak, loaded, "torch.profiler memory events (cpu)", {"loss": loss})
 

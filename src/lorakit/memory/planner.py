@@ -159,18 +159,20 @@ def smallest(model, settings: Settings) -> Estimate:
     return best
 
 
-def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings:
-    """Settings of a RunConfig (and, when given, the loaded model's real dtype and device)."""
-    dtype_name, device = None, "cuda"
-    if model is not None:
-        import torch
+def settings_for_run(cfg, model=None, precision=None, seq_len: Optional[int] = None) -> Settings:
+    """Settings of a RunConfig on the loaded `model` (its device), in the run's `precision` (the
+    recipe's decision; default: the model's own dtype, or without a model train.precision as "auto"
+    resolves it on an Ampere+ GPU: bf16)."""
+    from ..dtypes import short_name
+    from ..model.modules import model_device
+    from ..precision import model_precision
 
-        p = next(iter(model.parameters()))
-        device = "cuda" if p.device.type == "cuda" else "cpu"
-        frozen = [t.dtype for t in model.parameters() if t.is_floating_point() and not t.requires_grad]
-        dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(frozen[0] if frozen else torch.float32, "fp32")
-    else:  # "auto" picks bf16 on every GPU since Ampere (train/precision.py)
-        dtype_name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+    device = "cuda"
+    if model is not None:
+        device = "cuda" if model_device(model).type == "cuda" else "cpu"
+        precision = precision or model_precision(model, cfg)
+    dtype_name = short_name(precision.compute_dtype) if precision is not None else (
+        "bf16" if cfg.train.precision == "auto" else cfg.train.precision)
     attn = ""
     if model is not None and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
         attn = model.config._attn_implementation
@@ -178,16 +180,16 @@ def settings_for_run(cfg, model=None, seq_len: Optional[int] = None) -> Settings
     return Settings(
         method="qlora" if m.quantization else "lora", seq_len=seq_len or cfg.data.max_seq_len,
         batch_size=t.micro_batch_size, rank=lo.r, targets=lo.target_modules, grad_ckpt=m.gradient_checkpointing,
-        ckpt_replay=m.checkpoint_replay, lean_activations=m.lean_activations,
-        optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size, device=device, attn_impl=attn,
-        quant_type=m.quantization or "nf4", double_quant=m.double_quant, blocksize=m.blocksize,
-        skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout), adapter_dtype=lo.adapter_dtype,
-        branch_dtype=lo.branch_dtype)
+        ckpt_replay=m.checkpoint_replay and m.fast_paths, lean_activations=m.lean_activations and m.fast_paths,
+        fused_loss=m.fast_paths, optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size,
+        device=device, attn_impl=attn, quant_type=m.quantization or "nf4", double_quant=m.double_quant,
+        blocksize=m.blocksize, skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout),
+        adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype)
 
 
-def predict_for_run(cfg, model, seq_len: Optional[int] = None) -> int:
+def predict_for_run(cfg, model, precision=None, seq_len: Optional[int] = None) -> int:
     """Predicted peak allocated bytes of a training step of `cfg` on the loaded `model` (adapted or
     not), with rows of `seq_len` tokens (default: data.max_seq_len; pass the dataset's longest
     tokenized row). Compare with torch.cuda.max_memory_allocated; on CPU the loop records peak RSS,
     which also counts the Python process itself (~0.3-0.6 GiB)."""
-    return estimate(model, settings_for_run(cfg, model, seq_len)).peak_allocated_bytes
+    return estimate(model, settings_for_run(cfg, model, precision, seq_len)).peak_allocated_bytes

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import mmap
-import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -28,62 +26,15 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from . import quantized
-from .targets import is_linear, name_matches, output_head_names
+from ..precision import resolve_dtype
+from ..quant.linear4bit import Linear4bit
+from ..utils.memory import release_freed_memory
+from ..utils.safetensors_io import iter_safetensors
+from . import quantized_checkpoint
+from .modules import is_conv1d, is_linear, replace_module
+from .targets import name_matches, output_head_names
 
 log = logging.getLogger(__name__)
-
-# safetensors dtype names (format spec: https://github.com/huggingface/safetensors#format)
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header dict, byte offset of the data section). Layout: u64 little-endian N, N bytes of JSON, data."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, each read into its own buffer (so memory holds only
-    what the caller keeps), except the tensors named in `mapped`: those are copy-on-write views
-    of a memory map of the file (nothing is read until a page is touched)."""
-    header, base = read_safetensors_header(path)
-    view = None
-    with open(path, "rb", buffering=0) as f:
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            size = dtype.itemsize
-            if name in mapped and end > start and (base + start) % size == 0 and (end - start) % size == 0:
-                if view is None:
-                    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # stays valid after close
-                if base + end > len(view):
-                    raise ValueError(f"{path}: truncated data for tensor {name!r}")
-                yield name, torch.frombuffer(view, dtype=dtype, count=(end - start) // size,
-                                             offset=base + start).reshape(info["shape"])
-                continue
-            buf = torch.empty(end - start, dtype=torch.uint8)
-            f.seek(base + start)
-            if f.readinto(memoryview(buf.numpy())) != end - start:
-                raise ValueError(f"{path}: truncated data for tensor {name!r}")
-            yield name, buf.view(dtype).reshape(info["shape"])
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -164,23 +115,32 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
     """Load (model, tokenizer) from a local folder or hub id; `quantization` "nf4"/"fp4" stores the
     target Linear weights in 4 bits as they are read; `mmap_embeddings` maps the input embedding
     from the file on CPU (module docstring). The model is returned in eval mode with every
-    parameter frozen (add_lora decides what trains)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..train.precision import resolve_dtype
-
+    parameter frozen (add_lora decides what trains). The public form of `load_from_config`."""
     cfg = ModelConfig(name_or_path=name_or_path, quantization=quantization, double_quant=double_quant,
                       blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code,
                       mmap_embeddings=mmap_embeddings)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(compute_dtype, device)
-    folder = resolve_model_path(name_or_path)
-    stored_info = quantized.read_quantization_info(folder)  # a save_quantized folder: reload its 4-bit bytes
+    device = default_device(device)
+    return load_from_config(cfg, resolve_dtype(compute_dtype, device), device, load_tokenizer)
+
+
+def default_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """`device`, or the current CUDA device when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_from_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_tokenizer: bool = True):
+    """(model, tokenizer) for `cfg` (model.* of a RunConfig) in compute dtype `dtype` on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = resolve_model_path(cfg.name_or_path)
+    stored_info = quantized_checkpoint.read_quantization_info(folder)  # a save_quantized folder: its 4-bit bytes
     if stored_info is not None:
-        quantized.check_requested(stored_info, folder, cfg.quantization)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        quantized_checkpoint.check_requested(stored_info, folder, cfg.quantization)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     for module in model.modules():  # buffers to the device; parameters stay meta until read
         for key, buf in module._buffers.items():
             if buf is not None:
@@ -188,23 +148,20 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
     stored = None
     if stored_info is not None:
         targets = set(stored_info["modules"])
-        stored = quantized.StoredQuantizedLayers(stored_info, dtype, device)
+        stored = quantized_checkpoint.StoredQuantizedLayers(stored_info, dtype, device)
     else:
         targets = quantize_targets(model, cfg.skip_modules) if cfg.quantization else set()
-    _fill(model, folder, targets, cfg, dtype, device, stored)
+    _fill_from_checkpoint(model, folder, targets, cfg, dtype, device, stored)
     model.eval()
-    model.config._name_or_path = name_or_path
-    tokenizer = load_tokenizer_for(folder, trust_remote_code) if load_tokenizer else None
+    model.config._name_or_path = cfg.name_or_path
+    tokenizer = load_tokenizer_for(folder, cfg.trust_remote_code) if load_tokenizer else None
     return model, tokenizer
 
 
-def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
-          device: torch.device, stored: Optional[quantized.StoredQuantizedLayers] = None) -> None:
-    from ..lora.inject import replace_module
-    from ..lora.layer import is_conv1d
-
-    if targets:
-        from ..quant.linear4bit import Linear4bit
+def _fill_from_checkpoint(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
+                          device: torch.device, stored: Optional[quantized_checkpoint.StoredQuantizedLayers] = None) -> None:
+    """Read every checkpoint tensor into the meta skeleton, one at a time: target weights become
+    Linear4bit layers as they arrive, the rest is cast to `dtype` and put in place."""
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unexpected = []
     mapped = frozenset(_input_embedding_names(model)) if cfg.mmap_embeddings and device.type == "cpu" else frozenset()
@@ -223,18 +180,17 @@ def _fill(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, d
                 old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
                 if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
                     tensor = tensor.t()
-                layer = quantized.quantize_linear(  # = Linear4bit.from_weight, in chunks
-                    tensor.to(device), getattr(old, "bias", None), cfg.quantization, cfg.blocksize,
-                    cfg.double_quant, dtype)
+                layer = Linear4bit.from_weight(tensor.to(device), getattr(old, "bias", None), cfg.quantization,
+                                               cfg.blocksize, cfg.double_quant, dtype)
                 layer.replaces_conv1d = is_conv1d(old)  # merge writes a Conv1D back (lora/merge.py)
                 replace_module(model, module_name, layer)
                 del tensor, old
                 if device.type == "cpu":
-                    quantized.release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes
+                    release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes
                 continue  # the 16-bit weight is dropped here
             value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             module = model.get_submodule(module_name)
-            if targets and isinstance(module, Linear4bit) and attr == "bias":
+            if isinstance(module, Linear4bit) and attr == "bias":
                 module.bias = nn.Parameter(value, requires_grad=False)  # bias stored after its weight
             else:
                 _set_tensor(model, name, value)
@@ -270,32 +226,3 @@ def load_tokenizer_for(folder: Path, trust_remote_code: bool = False):
         log.warning("%s has no tokenizer files; returning tokenizer=None", folder)
         return None
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-
-
-def enable_gradient_checkpointing(model: nn.Module, replay: bool = True) -> None:
-    """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad);
-    with `replay`, the small frozen outputs (4-bit or 16-bit base) are kept and replayed instead
-    of recomputed (model/checkpointing.py). transformers >= 5 calls it activation checkpointing; older
-    versions gradient checkpointing."""
-    from .checkpointing import replay_contexts
-
-    kwargs = {"use_reentrant": False}
-    if replay:
-        kwargs["context_fn"] = replay_contexts
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False, checkpoint_replay: bool = True,
-                         lean_activations: bool = True) -> None:
-    """The model set-up a training run gets between load_model and add_lora (the one place
-    recipes/finetune.py, the memory harness and the benchmarks take it from): gradient
-    checkpointing (with replay) and the lean MLPs and norms of model/lean.py."""
-    from .lean import lean_activations as make_lean
-
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model, replay=checkpoint_replay)
-    if lean_activations:
-        make_lean(model)

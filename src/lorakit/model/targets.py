@@ -12,13 +12,9 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from .modules import is_linear
+
 ALL_LINEAR = "all-linear"
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, transformers' Conv1D (GPT-2) or lorakit's Linear4bit."""
-    name = type(module).__name__
-    return isinstance(module, nn.Linear) or name in ("Conv1D", "Linear4bit")
 
 
 def name_matches(name: str, spec: Union[str, Iterable[str]]) -> bool:

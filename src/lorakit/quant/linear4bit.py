@@ -7,7 +7,8 @@ Stored buffers (all carried by state_dict / load_state_dict and moved by ``.to(d
     weight_absmax, weight_quant_map, weight_nested_absmax, weight_nested_quant_map,
     weight_nested_offset, weight_quant_state   the QuantState, ``QuantState.to_dict("weight_")``
 
-Quantization happens only in ``from_weight`` / ``from_linear`` (explicit); ``.to()`` only moves
+Construction: ``from_weight`` / ``from_linear`` quantize (explicitly, the one place a layer does);
+``from_quantized`` wraps codes quantized elsewhere (a stored 4-bit checkpoint); ``.to()`` only moves
 or, for the bias, casts. Floating-point quantization buffers keep their dtype under
 ``module.to(dtype)`` / ``.half()`` so the stored scales are never silently rounded.
 """
@@ -20,11 +21,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nf4 import check_quant_args, dequantize_4bit, quantize_4bit
-from .state import QuantState
+from .nf4 import check_quant_args, dequantize_4bit, quantize_4bit, quantize_weight
+from .state import META_KEY, STATE_KEYS, QuantState
 
-_STATE_PREFIX = "weight_"
-_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset", "quant_state")
+STATE_PREFIX = "weight_"  # buffer names: weight_packed, then STATE_PREFIX + each of STATE_KEYS
 
 
 class _Scratch(threading.local):
@@ -71,7 +71,7 @@ class _Linear4bitFn(torch.autograd.Function):
               no gradient for the frozen 4-bit weight.
     Kept for backward: references to the frozen ``packed`` buffer (uint8) and the state, on the
     context rather than through save_for_backward, so no activation is saved at all (never W);
-    gradient checkpointing can then replay this layer's output (model/checkpointing.py).
+    gradient checkpointing can then replay this layer's output (model/replay.py).
     """
 
     @staticmethod
@@ -112,6 +112,20 @@ class Linear4bit(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
+                       compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
+        """A layer holding codes quantized elsewhere (no quantization here): ``packed`` uint8
+        [out, in/2] and its ``state`` (shape [out, in]); the bias is cast to the compute dtype."""
+        out_features, in_features = state.shape
+        layer = cls.__new__(cls)  # skip __init__: it would quantize a zero weight first
+        nn.Module.__init__(layer)
+        layer._configure(in_features, out_features, state.quant_type, state.blocksize, state.nested, compute_dtype)
+        layer._set_quantized(packed, state)
+        b = None if bias is None else bias.detach().to(compute_dtype).clone()
+        layer.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        return layer
+
+    @classmethod
     def from_weight(
         cls,
         weight: torch.Tensor,
@@ -121,17 +135,15 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.bfloat16,
     ) -> "Linear4bit":
-        """Quantize ``weight`` [out, in] (the one place a Linear4bit quantizes)."""
+        """Quantize ``weight`` [out, in] (the one place a Linear4bit quantizes), a few rows at a time
+        (quantize_weight: the bytes of quantize_4bit with bounded temporaries)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        out_features, in_features = weight.shape
-        layer = cls.__new__(cls)  # skip __init__: it would quantize a zero weight first
-        nn.Module.__init__(layer)
-        layer._configure(in_features, out_features, quant_type, blocksize, double_quant, compute_dtype)
-        layer._set_quantized(*quantize_4bit(weight.detach(), quant_type, blocksize, double_quant))
-        b = None if bias is None else bias.detach().to(compute_dtype).clone()
-        layer.bias = None if b is None else nn.Parameter(b, requires_grad=False)
-        return layer
+        check_quant_args(quant_type, blocksize)
+        if weight.shape[1] % 2:
+            raise ValueError(f"Linear4bit needs an even in_features (two 4-bit codes per byte per row), got {weight.shape[1]}")
+        packed, state = quantize_weight(weight.detach(), quant_type, blocksize, double_quant)
+        return cls.from_quantized(packed, state, bias, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
@@ -150,25 +162,25 @@ class Linear4bit(nn.Module):
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
         self.register_buffer("weight_packed", packed.reshape(self.out_features, self.in_features // 2))  # [out, in/2]
-        stored = state.to_dict(_STATE_PREFIX)
-        for key in _STATE_KEYS:
-            self.register_buffer(_STATE_PREFIX + key, stored.get(_STATE_PREFIX + key))
+        stored = state.to_dict(STATE_PREFIX)
+        for key in STATE_KEYS:
+            self.register_buffer(STATE_PREFIX + key, stored.get(STATE_PREFIX + key))
         self._meta = state.metadata()  # python copy of the JSON blob: no parsing/device sync per forward
 
     # ---- state ----------------------------------------------------------------------------
     @property
     def quant_state(self) -> QuantState:
         """A QuantState over the current buffers (no copies: follows .to() moves)."""
-        tensors = {k: self._buffers[_STATE_PREFIX + k] for k in _STATE_KEYS[:-1]}
+        tensors = {k: self._buffers[STATE_PREFIX + k] for k in STATE_KEYS if k != META_KEY}
         return QuantState.from_tensors({k: v for k, v in tensors.items() if v is not None}, self._meta)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Load the packed weight and its QuantState as a unit: the incoming state may differ
         in double quantization or source dtype from this module's, so buffers are replaced."""
-        names = ["weight_packed"] + [_STATE_PREFIX + k for k in _STATE_KEYS]
-        if prefix + "weight_packed" in state_dict and prefix + _STATE_PREFIX + "quant_state" in state_dict:
+        names = ["weight_packed"] + [STATE_PREFIX + k for k in STATE_KEYS]
+        if prefix + "weight_packed" in state_dict and prefix + STATE_PREFIX + META_KEY in state_dict:
             sub = {n: state_dict[prefix + n].detach().clone() for n in names if prefix + n in state_dict}
-            state = QuantState.from_dict(sub, _STATE_PREFIX)
+            state = QuantState.from_dict(sub, STATE_PREFIX)
             if tuple(state.shape) != (self.out_features, self.in_features):
                 error_msgs.append(
                     f"{prefix}weight: quantized shape {tuple(state.shape)} != ({self.out_features}, {self.in_features})"
@@ -196,7 +208,7 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Keep fp32 quantization buffers exact under module.to(dtype): only their device follows."""
-        before = {n: b for n, b in self._buffers.items() if b is not None and n.startswith(_STATE_PREFIX)}
+        before = {n: b for n, b in self._buffers.items() if b is not None and n.startswith(STATE_PREFIX)}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]

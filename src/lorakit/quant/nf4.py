@@ -32,6 +32,7 @@ Storage per weight: 4 + 32/blocksize bits -> 4 + 8/blocksize + 32/(256*blocksize
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -173,6 +174,44 @@ def finish_quantize_4bit(
         tensor.shape, tensor.dtype, blocksize, quant_type, codes, code,
         offset=offset, absmax2=absmax2, code2=code2.to(tensor.device), blocksize2=DOUBLE_QUANT_BLOCKSIZE,
     )  # fmt: skip
+
+
+# Weights quantized per step by quantize_weight: the reference quantize_4bit needs ~30 bytes of
+# temporaries per weight (fp32 copy, scaled values, int64 indices), so 2**18 weights bound them to
+# ~8 MB. Small, same-sized temporaries also keep the allocator from fragmenting: on
+# bench/bench_load.py's 336M-parameter model, whole-matrix quantization peaked at 1250-1550 MB RSS,
+# chunks at ~623 MB.
+QUANT_CHUNK_WEIGHTS = 2**18
+
+
+def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    chunk_weights: int = QUANT_CHUNK_WEIGHTS) -> tuple[torch.Tensor, QuantState]:
+    """``quantize_4bit(weight)`` for a 2-D weight [out, in], computed over chunks of whole rows.
+
+    Byte-exact with quantize_4bit: each chunk holds a multiple of `blocksize` weights, so its
+    blocks are the whole tensor's blocks (only the last chunk may end in a partial block, as
+    the whole tensor does); each chunk goes through quantize_4bit without double quantization
+    (so registered fast kernels run), and the fp32 absmax of all chunks is double-quantized at
+    once, as quantize_4bit does. Returns (packed uint8 [out, in/2], QuantState).
+    """
+    check_quant_args(quant_type, blocksize)
+    rows, cols = weight.shape
+    if weight.numel() <= chunk_weights or cols % 2:
+        packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant)
+        return packed.reshape(rows, -1) if cols % 2 == 0 else packed, state
+    step = blocksize // math.gcd(cols, blocksize)  # rows per chunk must hold whole blocks
+    chunk_rows = max(step, chunk_weights // cols // step * step)
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=weight.device)  # [out, in/2]
+    absmax = torch.empty(math.ceil(weight.numel() / blocksize), dtype=torch.float32, device=weight.device)  # [n_blocks]
+    code = get_code(quant_type).to(weight.device)
+    for r0 in range(0, rows, chunk_rows):
+        part = weight[r0:r0 + chunk_rows]  # [chunk_rows, in]
+        part_packed, part_state = quantize_4bit(part, quant_type, blocksize, double_quant=False)
+        packed[r0:r0 + part.shape[0]] = part_packed.view(part.shape[0], cols // 2)  # [(chunk_rows*in)/2, 1] -> rows
+        b0 = r0 * cols // blocksize
+        absmax[b0:b0 + part_state.absmax.numel()] = part_state.absmax
+        del part_packed, part_state
+    return packed, finish_quantize_4bit(weight, quant_type, blocksize, double_quant, absmax, code)
 
 
 def block_absmax(state: QuantState) -> torch.Tensor:

@@ -24,8 +24,9 @@ from typing import Optional
 
 import torch
 
+from ..dtypes import long_name, to_dtype
+
 _FORMAT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TENSOR_FIELDS = {  # to_dict key -> dataclass attribute
     "absmax": "absmax",
     "quant_map": "code",
@@ -34,13 +35,8 @@ _TENSOR_FIELDS = {  # to_dict key -> dataclass attribute
     "nested_offset": "offset",
 }
 META_KEY = "quant_state"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"QuantState.dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+STATE_KEYS = (*_TENSOR_FIELDS, META_KEY)  # every to_dict key, in order (the one list of them)
+NESTED_KEYS = tuple(k for k in STATE_KEYS if k.startswith("nested_"))  # present only with double quant
 
 
 @dataclass
@@ -95,7 +91,7 @@ class QuantState:
             "format": _FORMAT_VERSION,
             "quant_type": self.quant_type,
             "blocksize": int(self.blocksize),
-            "dtype": _dtype_name(self.dtype),
+            "dtype": long_name(self.dtype),
             "shape": [int(s) for s in self.shape],
             "nested_blocksize": None if self.blocksize2 is None else int(self.blocksize2),
         }
@@ -132,7 +128,7 @@ class QuantState:
             fields["offset"] = fields["offset"].reshape(())  # stored as [1], used as a scalar
         return cls(
             shape=torch.Size(meta["shape"]),
-            dtype=_DTYPES[meta["dtype"]],
+            dtype=to_dtype(meta["dtype"]),
             blocksize=meta["blocksize"],
             quant_type=meta["quant_type"],
             blocksize2=meta["nested_blocksize"],

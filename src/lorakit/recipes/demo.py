@@ -11,6 +11,7 @@ The model, tokenizer and data ship in lorakit/assets/demo (made by scripts/make_
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -110,3 +111,13 @@ def run_demo(out: str = "runs/demo", progress: bool = True, overwrite: bool = Fa
     print(f"adapter: {run / 'adapter'}   best: {run / 'best_adapter'}   loss curve: {run / 'loss_curve.png'}")
     ok = em_after >= 0.8 and em_before <= 0.2 and same >= 0.95
     return 0 if ok else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run folder (a previous demo run there is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="also replace a previous (non-demo) lorakit run in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_demo(args.out, progress=not args.no_progress, overwrite=args.overwrite)

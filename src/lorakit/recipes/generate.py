@@ -1,12 +1,18 @@
-"""Generation and exact-match scoring: the prompt a row gives, batched greedy decoding, chat turns."""
+"""`lorakit generate` and `lorakit chat`, and what eval and the demo share with them: loading a base
+(+ adapter) for inference, the prompt a row gives, batched greedy decoding, chat turns, exact match."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Optional
 
 import torch
 
-from ..data.formats import CHATML, render
+from ..config import ConfigError
+from ..data.formats import CHATML, format_prompt, render
+from ..data.tokenize import pad_token_id
+from ..model.modules import model_device
 
 
 def prompt_and_answer(record: dict, fmt: str, tokenizer=None, template: str = "alpaca") -> tuple[str, str]:
@@ -41,8 +47,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    device = model_device(model)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -76,3 +82,79 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return 0.0
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+# ------------------------------------------------------------------ command line (generate, chat; eval shares these)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    """--model, --adapter, --quantization, --precision: a base (+ adapter) for inference."""
+    p.add_argument("--model", required=True, help="model folder (config.json + *.safetensors + tokenizer) or hub id")
+    if adapter:
+        p.add_argument("--adapter", help="LoRA adapter folder (lorakit or PEFT format)")
+    p.add_argument("--quantization", choices=["nf4", "fp4"], default=None, help="load the base in 4 bits")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="compute dtype")
+
+
+def load_for_inference(args: argparse.Namespace):
+    """(model in eval mode, tokenizer) from add_model_arguments' flags."""
+    from ..lora.io import load_adapter
+    from ..model.load import load_model
+
+    model, tokenizer = load_model(args.model, quantization=args.quantization, compute_dtype=args.precision)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model}: no tokenizer files")
+    if getattr(args, "adapter", None):
+        load_adapter(model, args.adapter, trainable=False)
+    return model.eval(), tokenizer
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from a file")
+    p.add_argument("--template", choices=["raw", "alpaca", "alpaca_short", "chat"], default="raw",
+                   help="raw text, the alpaca/dolly instruction template used in training (data.template), or the chat template")
+    p.add_argument("--context", help="input/context section for --template alpaca")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def templated_prompt(text: str, template: str, tokenizer, context: str = "") -> str:
+    """The prompt text as training rendered it: raw, an alpaca/dolly template, or one chat user turn."""
+    if template in ("alpaca", "alpaca_short"):
+        return format_prompt(text, context or "", template)
+    if template == "chat":
+        return chat_prompt([{"role": "user", "content": text}], tokenizer)
+    return text
+
+
+def main_generate(args: argparse.Namespace) -> int:
+    prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if prompt is None:
+        raise ConfigError("give --prompt TEXT or --prompt-file FILE")
+    model, tokenizer = load_for_inference(args)
+    prompt = templated_prompt(prompt, args.template, tokenizer, args.context)
+    print(generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0])
+    return 0
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
+def main_chat(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for_inference(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = generate(model, tokenizer, [chat_prompt(messages, tokenizer)], args.max_new_tokens, args.temperature)[0]
+        messages.append({"role": "assistant", "content": reply.strip()})
+        print(f"assistant: {reply.strip()}", flush=True)
+    return 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Optional
 
 
 from ..lora.io import load_adapter
 from ..lora.merge import MergeReport, merge
 from ..model.load import load_model
+from ..model.modules import model_device
 from ..utils.fs import check_output_folder, output_folder
 
 # Sample text for --verify when the caller gives none: varied words, digits and punctuation.
@@ -29,10 +31,33 @@ def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optio
     if verify:
         if tokenizer is None:
             raise FileNotFoundError(f"{model_path}: --verify needs the model's tokenizer")
-        sample = tokenizer(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+        sample = tokenizer(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(model_device(model))
     merged = merge(model, verify=sample, max_kl=max_kl)
     with output_folder(out, "merge", overwrite, protect=protect) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return getattr(merged, "lorakit_merge_report", None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .generate import add_model_arguments
+
+    add_model_arguments(p, adapter=False)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="output folder for the merged model (+ tokenizer): new or empty, "
+                   "or a previous lorakit merge output with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous lorakit merge in --out (only the files lorakit wrote there)")
+    p.add_argument("--verify", action="store_true", help="compare logits before/after on sample text and fail above --max-kl")
+    p.add_argument("--max-kl", type=float, default=1e-3, help="largest KL divergence (nats/token) --verify accepts")
+
+
+def main(args: argparse.Namespace) -> int:
+    report = merge_to_folder(args.model, args.adapter, args.out, quantization=args.quantization,
+                             precision=args.precision, verify=args.verify, max_kl=args.max_kl,
+                             overwrite=args.overwrite)
+    if report is not None:
+        print(report)
+    print(f"merged model -> {args.out}")
+    return 0

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError, RunConfig, to_dict
+from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args, to_dict
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
 from ..train.log import read_metrics
 from ..utils.fs import atomic_file, claim_folder
@@ -322,17 +322,13 @@ def run_sweep(cfg: RunConfig, ranks: Sequence[int], methods: Sequence[str] = ("l
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (sections: model, lora, data, train)")
+    add_run_arguments(p)
     p.add_argument("--rank", required=True, metavar="R1,R2,..", help="LoRA ranks to compare, comma-separated, e.g. 8,16,32")
     p.add_argument("--method", default=None, metavar="lora,qlora", help="lora, qlora or lora,qlora (qlora = 4-bit base, NF4 unless the "
                    "config says fp4) [default: the config's]")
     p.add_argument("--alpha-ratio", type=float, default=None, metavar="RATIO",
                    help="alpha = ratio * r for every run [default: the config's alpha / r]")
     p.add_argument("--lr", default=None, metavar="LR1,LR2,..", help="learning rates to compare, comma-separated [default: the config's]")
-    p.add_argument("--model", dest="shortcut_model", metavar="PATH", help="shortcut for --set model.name_or_path=PATH")
-    p.add_argument("--data", dest="shortcut_data", metavar="FILE", help="shortcut for --set data.path=FILE")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config field for every run, e.g. --set train.max_steps=200 (repeatable)")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder [default: the config's train.output_dir]")
     p.add_argument("--restart", action="store_true", help="retrain every run from scratch (replaces the files lorakit wrote in their folders, nothing else)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="FRACTION",
@@ -341,8 +337,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..cli import config_from_args
-
     cfg = config_from_args(args)
     ranks = parse_list(args.rank, int, "--rank")
     methods = parse_list(args.method, str, "--method") if args.method else ["qlora" if cfg.model.quantization else "lora"]

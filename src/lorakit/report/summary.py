@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..train.log import read_metrics
+from ..utils.fs import atomic_file
 
 log = logging.getLogger("lorakit")
 RUN_INFO = "run_info.json"
-# Accepted names for a predicted peak in bytes (lorakit.memory.Estimate.peak_allocated_bytes is what
-# max_memory_allocated should read, so it comes first).
-PREDICTION_KEYS = ("peak_allocated_bytes", "peak_bytes", "total_bytes")
 
 
 @dataclass
@@ -108,37 +106,16 @@ def read_run_info(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def predict_peak_bytes(cfg, model) -> Optional[int]:
-    """Predicted peak training memory from lorakit.memory, or None when it is not available."""
-    try:
-        from ..memory import predict_for_run  # optional: the memory planner may not provide it
-    except ImportError:
-        return None
-    try:
-        value = predict_for_run(cfg, model)
-    except Exception as e:  # a prediction is a nice-to-have: never fail a finished run over it
-        log.warning("memory prediction failed: %s", e)
-        return None
-    return _as_bytes(value)
-
-
-def _as_bytes(value: Any) -> Optional[int]:
-    """A prediction as bytes: a number, or a dict / object with one of PREDICTION_KEYS."""
-    if isinstance(value, dict):
-        value = next((value[k] for k in PREDICTION_KEYS if k in value), None)
-    elif not isinstance(value, (int, float)):
-        value = next((getattr(value, k) for k in PREDICTION_KEYS if hasattr(value, k)), None)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def write_run_info(run_dir: str | os.PathLike, cfg, model) -> Path:
-    """Record what only the live model knows (trainable parameters, predicted peak memory) beside the run."""
+def write_run_info(run_dir: str | os.PathLike, model, predicted_peak_bytes: Optional[int]) -> Path:
+    """Record what only the live run knows beside it: trainable parameters and the run's one memory
+    prediction (the number `lorakit train` printed)."""
     from ..lora.inject import count_parameters
 
     trainable, total = count_parameters(model)
-    info = {"trainable_params": trainable, "total_params": total, "predicted_peak_bytes": predict_peak_bytes(cfg, model)}
+    info = {"trainable_params": trainable, "total_params": total, "predicted_peak_bytes": predicted_peak_bytes}
     path = Path(run_dir) / RUN_INFO
-    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return path
 
 

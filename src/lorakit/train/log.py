@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..utils.memory import peak_rss_bytes
 
 log = logging.getLogger("lorakit")
 
@@ -18,8 +18,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory allocated (CUDA), else the process's peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 class MetricsWriter:
@@ -65,19 +64,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
-    """Train and validation loss against step as a PNG; None (with a note) without matplotlib."""
+    """Train and validation loss against step as a PNG; None (with a note) without matplotlib.
+    Drawn on an explicit Figure with the Agg canvas: no pyplot, no process-wide backend switch (which
+    would turn off inline plots in the user's Jupyter or Colab session)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         log.info("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
         return None
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
@@ -89,5 +90,4 @@ def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]
     fig.tight_layout()
     out = Path(out or Path(run_dir) / "loss_curve.png")
     fig.savefig(out)
-    plt.close(fig)
     return out

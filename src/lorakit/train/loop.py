@@ -1,13 +1,15 @@
 """The training loop, written out: accumulate, clip, step, schedule, evaluate, early-stop, checkpoint.
 
-Data order: the training rows form one continuous stream of micro-batches; epoch e visits the rows
-in the order of a permutation seeded by (seed, e). Optimizer step k consumes micro-batches
-k*grad_accum ... (k+1)*grad_accum - 1 of that stream, so the data position of a checkpoint is just
-its step, and a resumed run sees exactly the batches an uninterrupted one would.
+Data order (data/batches.py): the training rows form one continuous stream of micro-batches; optimizer
+step k consumes micro-batches k*grad_accum ... (k+1)*grad_accum - 1 of it, so the data position of a
+checkpoint is just its step, and a resumed run sees exactly the batches an uninterrupted one would.
 
 Loss normalisation: the loss of a step is sum(CE over all supervised tokens of its micro-batches) /
 (their number), so 4 micro-batches of 1 give the same gradient as one batch of 4 whatever the
-lengths (dividing each micro-batch by its own count would weight short examples up).
+lengths (dividing each micro-batch by its own count would weight short examples up). The counts
+come from the host copies of the labels, so no micro-batch waits on the device to know them.
+
+The forward and loss of every micro-batch is one call of a TrainStep module (train/step.py).
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, to_dict
-from ..data.collate import collate, collate_packed, pack_examples
+from ..data.batches import Batches
 from ..lora.io import save_adapter
+from ..model.modules import model_device
+from ..precision import Precision, check_model_precision, model_precision
 from ..utils.fs import claim_folder
 from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
 from .log import MetricsWriter, peak_memory_bytes, plot_loss_curve
-from .loss import causal_lm_loss_sum, count_supervised
+from .loss import count_supervised
 from .optim import build_optimizer
 from .schedule import build_scheduler
+from .setup import FastPaths
+from .step import TrainStep
 
 log = logging.getLogger("lorakit")
 
@@ -50,77 +56,56 @@ class TrainResult:
     peak_memory_bytes: int
 
 
-class Batches:
-    """Deterministic micro-batch stream over `examples` (see the module docstring)."""
-
-    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, pad_id: int,
-                 pack: bool = False, max_seq_len: int = 0, shuffle: bool = True):
-        self.rows = pack_examples(examples, max_seq_len) if pack else examples
-        self.collate = collate_packed if pack else collate
-        self.mbs, self.seed, self.pad_id, self.shuffle = micro_batch_size, seed, pad_id, shuffle
-        self.per_epoch = math.ceil(len(self.rows) / micro_batch_size)
-        self._order: dict[int, list[int]] = {}
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if epoch not in self._order:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._order = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
-            else:
-                self._order = {epoch: list(range(len(self.rows)))}
-        return self._order[epoch]
-
-    def __getitem__(self, index: int) -> dict:
-        epoch, i = divmod(index, self.per_epoch)
-        ids = self._epoch_order(epoch)[i * self.mbs:(i + 1) * self.mbs]
-        return self.collate([self.rows[j] for j in ids], self.pad_id)
-
-    def __len__(self) -> int:
-        return self.per_epoch
-
-
 def total_steps_for(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def accumulate_gradients(model: nn.Module, micro: list[dict], chunk: int,
-                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, int]:
+def tokens_in(batch: dict) -> int:
+    """Real (not padding) tokens of a host-side batch, for tokens/s."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def accumulate_gradients(step: nn.Module, micro: list[dict], scaler: Optional[torch.amp.GradScaler] = None,
+                         n_sup: Optional[int] = None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (mean loss, supervised tokens).
 
-    Each micro-batch contributes CE_sum / N_step where N_step counts the supervised tokens of all
-    micro-batches of the step, so the accumulated gradient is that of one big batch.
+    Each micro-batch contributes CE_sum / N_step where N_step (`n_sup`, counted on the host copies
+    of the labels when given) counts the supervised tokens of all micro-batches of the step, so the
+    accumulated gradient is that of one big batch. The loss is read back once, after the last one.
     """
-    n_sup = sum(count_supervised(b["labels"]) for b in micro)
-    loss_sum = 0.0
+    if n_sup is None:
+        n_sup = sum(count_supervised(b["labels"]) for b in micro)
+    loss_sum = None
     for b in micro:
-        part = causal_lm_loss_sum(model, b, chunk)
+        part, _ = step(b)
         scaled = part / max(n_sup, 1)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += float(part.detach())
-    return loss_sum / max(n_sup, 1), n_sup
+        loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+    return float(loss_sum) / max(n_sup, 1), n_sup
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, device: torch.device, chunk: int) -> float:
+def evaluate(step: nn.Module, batches: Batches, device: torch.device) -> float:
     """Mean CE per supervised token over the whole validation set."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
+    was_training = step.training
+    step.eval()
+    total, n = None, 0
     for i in range(len(batches)):
-        b = _to(batches[i], device)
-        total += float(causal_lm_loss_sum(model, b, chunk))
+        b = batches[i]
         n += count_supervised(b["labels"])
-    model.train(was_training)
-    return total / max(n, 1)
+        part, _ = step(to_device(b, device))
+        total = part if total is None else total + part
+    step.train(was_training)
+    return float(total) / max(n, 1) if total is not None else float("nan")
 
 
-def first_nonfinite_module(model: nn.Module, batch: dict, chunk: int) -> str:
+def first_nonfinite_module(step: TrainStep, batch: dict) -> str:
     """Re-run the forward pass with hooks; the name of the first module whose output is non-finite."""
     found: list[str] = []
 
@@ -131,10 +116,10 @@ def first_nonfinite_module(model: nn.Module, batch: dict, chunk: int) -> str:
                 found.append(name)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in step.model.named_modules() if n]
     try:
         with torch.no_grad():
-            causal_lm_loss_sum(model, batch, chunk)
+            step(batch)
     finally:
         for h in handles:
             h.remove()
@@ -142,25 +127,31 @@ def first_nonfinite_module(model: nn.Module, batch: dict, chunk: int) -> str:
 
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
-          pad_id: int, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+          pad_id: int, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          precision: Optional[Precision] = None, fast: Optional[FastPaths] = None) -> TrainResult:
     """Train the LoRA parameters of `model` (already adapted) and write the run folder: a new or
     empty folder, a previous run with `resume` (continued) or `overwrite` (its files replaced;
-    anything else in the folder stays), see utils/fs.py."""
+    anything else in the folder stays), see utils/fs.py. `precision` is the recipe's decision
+    (default: the model's own dtype, checked against train.precision); `fast`: the fused loss."""
     import yaml
     from tqdm.auto import tqdm
 
     tc = cfg.train
+    device = model_device(model)
+    if precision is None:
+        precision = model_precision(model, cfg)
+    check_model_precision(model, precision)
     run_dir = claim_folder(tc.output_dir, "run", RUN_FILES, overwrite=overwrite, resume=resume)
-    device = next(p.device for p in model.parameters())
-    torch.manual_seed(tc.seed)
+    fast = fast or FastPaths.from_config(cfg.model)
+    step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss)  # forward + loss, one module
+    torch.manual_seed(tc.seed)  # dropout; the data order has its own generator (data/batches.py)
     data = Batches(train_examples, tc.micro_batch_size, tc.seed, pad_id, cfg.data.pack, cfg.data.max_seq_len)
     val = Batches(val_examples, tc.micro_batch_size, tc.seed, pad_id, shuffle=False) if val_examples else None
     total_steps = total_steps_for(cfg, len(data))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, tc.warmup_steps, tc.schedule)
-    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     (run_dir / "run_config.yaml").write_text(config_yaml, encoding="utf-8")
 
@@ -180,25 +171,27 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     elif resume:
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
-    model.train()
+    step_fn.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
     loss_value, window = float("nan"), []
     while state["step"] < total_steps:
         step = state["step"]
-        micro = [_to(data[step * tc.grad_accum + j], device) for j in range(tc.grad_accum)]
-        loss_value, n_sup = accumulate_gradients(model, micro, tc.loss_chunk_size, scaler)
-        tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        host = [data[step * tc.grad_accum + j] for j in range(tc.grad_accum)]
+        n_sup = sum(count_supervised(b["labels"]) for b in host)
+        tokens_seen += sum(tokens_in(b) for b in host)
+        micro = [to_device(b, device) for b in host]
+        loss_value, _ = accumulate_gradients(step_fn, micro, scaler, n_sup)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             bad_in_row += 1
-            where = first_nonfinite_module(model, micro[0], tc.loss_chunk_size)
+            where = first_nonfinite_module(step_fn, micro[0])
             warnings.warn(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}; "
                           f"skipping the update (first non-finite output: {where})", stacklevel=2)
             optimizer.zero_grad(set_to_none=True)
-            scaler.update() if fp16 else None
+            scaler.update() if precision.loss_scaling else None
             if bad_in_row >= tc.max_bad_steps:
                 stopped, reason = True, (f"stopped: {bad_in_row} non-finite steps in a row (first non-finite output: "
                                          f"{where}); the last good checkpoint is intact. Lower train.lr or use fp32/bf16.")
@@ -220,7 +213,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
                         tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if val is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
-            stop = _evaluate_and_track(model, val, device, tc, state, window, metrics, run_dir, step)
+            stop = _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step)
             window = []
             if stop:
                 stopped, reason = True, (f"early stopping: no validation improvement of {tc.early_stopping_min_delta} "
@@ -248,9 +241,9 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
                        tokens_seen / max(elapsed, 1e-9), elapsed, peak)
 
 
-def _evaluate_and_track(model, val, device, tc, state, window, metrics, run_dir, step) -> bool:
+def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step) -> bool:
     """Evaluate, keep the best adapter, warn on overfitting; True when early stopping triggers."""
-    val_loss = evaluate(model, val, device, tc.loss_chunk_size)
+    val_loss = evaluate(step_fn, val, device)
     train_mean = sum(window) / max(len(window), 1)
     metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "train_loss_mean": train_mean})
     last = state["last_eval"]
@@ -261,7 +254,7 @@ def _evaluate_and_track(model, val, device, tc, state, window, metrics, run_dir,
     state["last_eval"] = (val_loss, train_mean)
     if state["best_val"] is None or val_loss < state["best_val"] - tc.early_stopping_min_delta:
         state["best_val"], state["best_step"], state["bad_evals"] = val_loss, step, 0
-        save_adapter(model, run_dir / "best_adapter", overwrite=True)
+        save_adapter(step_fn.model, run_dir / "best_adapter", overwrite=True)
         return False
     state["bad_evals"] += 1
     return bool(tc.early_stopping_patience) and state["bad_evals"] >= tc.early_stopping_patience

@@ -1,6 +1,6 @@
-"""Causal-LM cross-entropy without fp32 logits for the whole batch.
+"""Causal-LM cross-entropy from the decoder's hidden states, without fp32 logits for the whole batch.
 
-    hidden = decoder(input_ids)                        [B, T, H]   (compute dtype)
+    hidden = decoder(input_ids)                        [B, T, H]   (compute dtype; train/step.py)
     h, y   = hidden[:, :-1], labels[:, 1:]             position t predicts token t+1
     keep   = y != IGNORE_INDEX                         only supervised positions get logits
     loss_sum = sum over chunks of `chunk` rows of CE(lm_head(h_chunk).float(), y_chunk)
@@ -12,12 +12,14 @@ trainer divides by the supervised-token count of the whole optimizer step (the o
 normalisation happens).
 
 Fast path (the common case: a frozen bias-free Linear head, no logit soft-capping or scaling):
-`_LinearCrossEntropySum` computes the same sum in blocks of `_HEAD_ROWS` rows by `_HEAD_COLS`
+`LinearCrossEntropySum` computes the same sum in blocks of `HEAD_ROWS` rows by `HEAD_COLS`
 vocabulary columns with an online softmax and, when training, the gradient w.r.t. the hidden rows
 in the same pass. Per step that is 2 head matmuls instead of 3 (forward, recompute, backward), each
 slice of the head weight read from memory once for both, and a few passes over fp32 logits that
-stay in cache; peak memory O(_HEAD_ROWS * _HEAD_COLS) whatever the vocabulary or chunk size. The
-general path stays for every other head.
+stay in cache; peak memory O(HEAD_ROWS * HEAD_COLS) whatever the vocabulary or chunk size. The
+general path stays for every other head, and for `fused=False` (model.fast_paths: false), where it
+is the reference the fast path is tested against. `saved_bytes_per_row` and `transient_bytes` state
+what each path holds, for the memory planner.
 """
 
 from __future__ import annotations
@@ -58,11 +60,17 @@ def _chunk_ce_sum(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.T
 # 0.51 s (the 272 MB weight is streamed from memory once per block and matmul), vocabulary blocks of
 # 2048-32768 columns over all 255 rows 0.36-0.39 s (each [cols, H] slice of the weight is read
 # from memory once and stays in cache for the second matmul).
-_HEAD_ROWS = 256
-_HEAD_COLS = 8192
+HEAD_ROWS = 256
+HEAD_COLS = 8192
+# Transient bytes per element of the [chunk, vocab] logits while one chunk of the general path runs
+# backward (under checkpoint: recomputed fp32 logits, the log_softmax output, and the grads of
+# both); measured with torch.profiler memory events, torch 2.13. Gemma-2 soft-capping adds tanh's
+# saved output and its gradient, fp32.
+GENERAL_BYTES_PER_LOGIT = 12
+SOFTCAP_BYTES_PER_LOGIT = 8
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
+class LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) for a frozen head weight W [V, H], without keeping logits.
 
     forward, per block of rows r, over vocabulary slices c (online softmax, as flash attention):
@@ -91,15 +99,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                              "(labels must be token ids or -100 to ignore a position)")
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if with_grad else None  # [N, H]
-        for start in range(0, h.shape[0], _HEAD_ROWS):
-            rows = slice(start, start + _HEAD_ROWS)
+        for start in range(0, h.shape[0], HEAD_ROWS):
+            rows = slice(start, start + HEAD_ROWS)
             hr, yr = h[rows], y[rows]                                                # [r, H], [r]
             m = torch.full(yr.shape, float("-inf"), device=h.device)                 # running max [r]
             s = torch.zeros(yr.shape, device=h.device)                               # running sum [r]
             target = torch.zeros(yr.shape, device=h.device)                          # z_i[y_i] [r]
             acc = torch.zeros(hr.shape, device=h.device) if with_grad else None      # [r, H] fp32
-            for v0 in range(0, vocab, _HEAD_COLS):
-                wc = weight[v0:v0 + _HEAD_COLS]                                      # [c, H] view
+            for v0 in range(0, vocab, HEAD_COLS):
+                wc = weight[v0:v0 + HEAD_COLS]                                      # [c, H] view
                 zc = hr @ wc.t()                                                     # [r, c] compute dtype
                 z = zc.float()                                                       # [r, c] (zc itself if fp32)
                 col = yr - v0
@@ -125,33 +133,30 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
         if grad_h is None:
-            raise RuntimeError("_LinearCrossEntropySum was called without with_grad; it cannot backpropagate")
+            raise RuntimeError("LinearCrossEntropySum was called without with_grad; it cannot backpropagate")
         return (grad_h * grad).to(ctx.dtype), None, None, None
 
 
-def _fast_head(model: nn.Module, head: nn.Module, h: torch.Tensor) -> bool:
+def fast_head(model: nn.Module, head: nn.Module, dtype: torch.dtype) -> bool:
     """True when the fast path computes exactly what _chunk_ce_sum would: a plain frozen Linear head
-    without bias in h's dtype, and no logit soft-capping / scaling in the model config."""
+    without bias in the activations' dtype, and no logit soft-capping / scaling in the model config."""
     config = model.config
     return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-            and head.weight.dtype == h.dtype and not getattr(config, "final_logit_softcapping", None)
+            and head.weight.dtype == dtype and not getattr(config, "final_logit_softcapping", None)
             and not isinstance(getattr(config, "logit_scale", None), (int, float)))
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """Sum of next-token CE over the supervised positions of `batch` (input_ids, labels,
-    attention_mask or position_ids). A 0-dim fp32 tensor."""
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    out = model.base_model(input_ids=batch["input_ids"], use_cache=False, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state      # [B, T, H]
-    labels = batch["labels"]
+def lm_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
+                fused: bool = True) -> torch.Tensor:
+    """Sum of next-token CE over the supervised positions: hidden [B, T, H] (the decoder's output),
+    labels [B, T] (IGNORE_INDEX where not supervised). A 0-dim fp32 tensor."""
     y = labels[:, 1:]                                                          # [B, T-1]
     keep = y != IGNORE_INDEX
     h = hidden[:, :-1][keep]                                                   # [N, H] supervised rows
     y = y[keep]                                                                # [N]
     head = model.get_output_embeddings()
-    if _fast_head(model, head, h):
-        return _LinearCrossEntropySum.apply(h, head.weight, y, torch.is_grad_enabled() and h.requires_grad)
+    if fused and fast_head(model, head, h.dtype):
+        return LinearCrossEntropySum.apply(h, head.weight, y, torch.is_grad_enabled() and h.requires_grad)
     total = hidden.new_zeros((), dtype=torch.float32)
     need_ckpt = torch.is_grad_enabled() and h.requires_grad
     for start in range(0, h.shape[0], chunk_size):
@@ -161,3 +166,30 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict, chunk_size: int = 1024) ->
         else:
             total = total + _chunk_ce_sum(model, head, hc, yc)
     return total
+
+
+# ---- what each path holds (read by memory/activations.py) ----------------------------------------
+def saved_bytes_per_row(hidden: int, compute_bytes: int, fused: bool) -> int:
+    """Bytes the loss keeps for backward per supervised row.
+
+    general: the hidden row (compute dtype) kept by checkpoint + the int64 index of the boolean row
+    selection + the bool mask. fused: the fp32 gradient of the row it formed in forward + the mask."""
+    return 4 * hidden + 1 if fused else hidden * compute_bytes + 8 + 1
+
+
+def transient_bytes(rows: int, hidden: int, vocab: int, compute_bytes: int, fused: bool, chunk_size: int,
+                    softcap: bool = False) -> int:
+    """Peak bytes the loss allocates beyond what it keeps, for `rows` supervised rows.
+
+    fused: one block's [HEAD_ROWS, HEAD_COLS] logits in the compute dtype, then fp32 (in place from
+    there on; the rounded exponentials go back into the compute-dtype buffer): 4 + bc bytes per logit
+    (4 when bc is fp32), freed before the next slice; the block's running gradient [HEAD_ROWS, H] in
+    fp32 and one slice's product in bc; plus the [N, H] gradient of the hidden rows (fp32, then bc).
+    general: GENERAL_BYTES_PER_LOGIT (+ SOFTCAP_BYTES_PER_LOGIT) per logit of a chunk_size chunk."""
+    if fused:
+        per = 4 + (compute_bytes if compute_bytes != 4 else 0)
+        r = min(HEAD_ROWS, rows)
+        cols = min(HEAD_COLS, vocab)
+        return r * cols * per + r * hidden * (4 + compute_bytes) + rows * hidden * (4 + compute_bytes)
+    per = GENERAL_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if softcap else 0)
+    return min(chunk_size, rows) * vocab * per

@@ -12,7 +12,11 @@ kernel against the reference.
     quantize_4bit     "c-cpu": nf4_cpu.c, per-block absmax + branch-free nearest code + OpenMP
 
 Choosing: the environment variable LORAKIT_KERNELS (read at each call) or ``set_backend``:
-"auto" (default: every registered kernel) or "reference" (never a fast path).
+"auto" (default: every registered kernel) or "reference" (never a fast path); a run with
+`model.fast_paths: false` sets "reference" for its duration (train/setup.py).
+
+The C kernels are compiled on first use (logged, with the library's path) or ahead of time with
+``build()``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ def backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"LORAKIT_KERNELS={name!r} is not allowed; choose one of {BACKENDS}")
     return name
+
+
+def backend_override() -> Optional[str]:
+    """The name set with set_backend, or None when the environment variable decides."""
+    return _backend["name"]
+
+
+def build() -> dict:
+    """Compile (or find in the cache) every kernel library now instead of at first use; returns
+    {kernel library: path, or None when it cannot be built here}."""
+    lib = cpu.load()
+    return {"c-cpu": str(cpu.library_path()) if lib is not None else None}
 
 
 def set_backend(name: Optional[str]) -> None:

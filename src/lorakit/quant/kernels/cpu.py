@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ _FLAG_SETS = (
     ["-O3", "-ffp-contract=off"],
 )
 _lock = threading.Lock()
-_state: dict = {}  # "lib": CDLL or None once tried
+_state: dict = {}  # "lib": CDLL or None once tried, "path": the library file
+log = logging.getLogger("lorakit")
 
 
 def _compiler() -> Optional[str]:
@@ -73,6 +75,7 @@ def _build(cc: str) -> tuple[Optional[Path], str]:
         target = cache_dir() / key / "liblorakit_nf4.so"
         if target.is_file():
             return target, ""
+        log.info("lorakit: compiling the C 4-bit kernels (once per machine) into %s", target)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
@@ -118,6 +121,7 @@ def load() -> Optional[ctypes.CDLL]:
             if path is not None:
                 try:
                     lib = _declare(ctypes.CDLL(str(path)))
+                    _state["path"] = path
                 except OSError as e:
                     lib, why = None, f"{path}: {e}"
         if lib is None:
@@ -126,6 +130,11 @@ def load() -> Optional[ctypes.CDLL]:
                           RuntimeWarning, stacklevel=3)
         _state["lib"] = lib
         return lib
+
+
+def library_path() -> Optional[Path]:
+    """The compiled library's file, once load() has found or built it."""
+    return _state.get("path")
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

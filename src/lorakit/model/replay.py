@@ -1,4 +1,4 @@
-"""Gradient checkpointing that does not recompute small frozen outputs.
+"""Checkpoint replay: gradient checkpointing that does not recompute small frozen outputs.
 
 Checkpointing keeps each decoder layer's input and re-runs the layer's forward during backward to
 rebuild the tensors autograd needs. With (Q)LoRA most of that recomputation is frozen matmuls,
@@ -18,29 +18,36 @@ one by one, and raises if their count or shapes differ): a Linear4bit saves none
 weight rides on the autograd context), a frozen nn.Linear saves only its weight, which is kept
 out of checkpointing's count while it is recorded, and everything downstream of y runs unchanged. Measured
 effect and memory: bench/SPEED.md. Used through `context_fn` of torch.utils.checkpoint
-(non-reentrant), which gives each checkpointed call its own pair of contexts.
+(non-reentrant), which gives each checkpointed call its own pair of contexts; train/setup.py turns
+it on (model.checkpoint_replay) and LoRALinear calls `replayed(base_layer, x)` for its frozen part.
+Outside a checkpointed call `replayed` is just `base_layer(x)`.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 import torch
 from torch import nn
 
+from ..quant.linear4bit import Linear4bit
 
-class _State(threading.local):
+
+class _ReplayState(threading.local):
+    """Per thread: are we inside a checkpointed call's first forward (record) or its recomputation
+    in backward (replay)? The store travels with the context objects, so whichever thread runs the
+    recomputation (CUDA: autograd's device thread) sets its own state."""
+
     def __init__(self):
         self.mode = None    # None | "record" | "replay"
         self.store = None   # list of kept outputs of the current checkpointed call
         self.index = 0      # next tensor to replay
 
 
-_state = _State()
+_state = _ReplayState()
 
 
-class _Mode:
+class _ReplayMode:
     """Context manager setting the thread's mode and store; re-enterable (a second backward with
     retain_graph recomputes, and so replays, again)."""
 
@@ -60,10 +67,10 @@ class _Mode:
 def replay_contexts():
     """`context_fn` for torch.utils.checkpoint: (record during forward, replay during recompute)."""
     store: list = []
-    return _Mode("record", store), _Mode("replay", store)
+    return _ReplayMode("record", store), _ReplayMode("replay", store)
 
 
-def _keep(t: torch.Tensor) -> torch.Tensor:
+def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
@@ -74,8 +81,6 @@ def _frozen_dense(layer: nn.Module) -> bool:
 
 def keeps_output(layer: nn.Module) -> bool:
     """A frozen 4-bit or dense Linear whose output is no wider than its input (module docstring)."""
-    from ..quant.linear4bit import Linear4bit
-
     if isinstance(layer, Linear4bit):
         frozen = layer.bias is None or not layer.bias.requires_grad
     else:
@@ -83,11 +88,11 @@ def keeps_output(layer: nn.Module) -> bool:
     return frozen and layer.out_features <= layer.in_features
 
 
-def frozen_output(layer: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """run(x), recorded / replayed for `keeps_output` layers inside a checkpointed call."""
+def replayed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), recorded / replayed for `keeps_output` layers inside a checkpointed call."""
     mode = _state.mode
     if mode is None or not keeps_output(layer):
-        return run(x)
+        return layer(x)
     if mode == "replay":
         if _state.index >= len(_state.store):
             raise RuntimeError("lorakit checkpoint replay: the recomputed forward asked for more kept outputs "
@@ -102,9 +107,9 @@ def frozen_output(layer: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
         # nn.Linear saves its frozen weight for dL/dx; the recomputation that replays y will not,
         # so keep that one saved tensor out of checkpointing's count (an identity hook pair nested
         # inside checkpointing's own takes it instead: the weight, never an activation)
-        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            y = run(x)
+        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            y = layer(x)
     else:
-        y = run(x)
+        y = layer(x)
     _state.store.append(y.detach())  # the values; the recomputed graph never backpropagates into it
     return y

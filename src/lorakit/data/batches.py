@@ -1,0 +1,47 @@
+"""The deterministic micro-batch stream of a run: "data position = step".
+
+The rows (examples, or packed rows) form one continuous stream of micro-batches; epoch e visits
+them in the order of a permutation seeded by (seed, e). Micro-batch k of the stream is rows
+k*mbs ... (k+1)*mbs - 1 of its epoch's order (the last one of an epoch may be shorter), so any
+micro-batch can be rebuilt from its index alone: a resumed run sees exactly the batches an
+uninterrupted one would, and a checkpoint needs no sampler state. `Batches` is map-style
+(`__getitem__`, `__len__` = micro-batches per epoch), so it also works as a DataLoader dataset
+with batch_size=None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .collate import collate, collate_packed, pack_examples
+
+
+class Batches:
+    """Micro-batch `index` of the stream over `examples` (module docstring), collated with `pad_id`."""
+
+    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, pad_id: int,
+                 pack: bool = False, max_seq_len: int = 0, shuffle: bool = True):
+        self.rows = pack_examples(examples, max_seq_len) if pack else examples
+        self.collate = collate_packed if pack else collate
+        self.mbs, self.seed, self.pad_id, self.shuffle = micro_batch_size, seed, pad_id, shuffle
+        self.per_epoch = math.ceil(len(self.rows) / micro_batch_size)
+        self._order: dict[int, list[int]] = {}
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._order = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
+            else:
+                self._order = {epoch: list(range(len(self.rows)))}
+        return self._order[epoch]
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(index, self.per_epoch)
+        ids = self._epoch_order(epoch)[i * self.mbs:(i + 1) * self.mbs]
+        return self.collate([self.rows[j] for j in ids], self.pad_id)
+
+    def __len__(self) -> int:
+        return self.per_epoch
