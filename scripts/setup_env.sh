@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install lorakit into it.
 # Usage: source scripts/setup_env.sh [extras]     e.g. extras=test
-# torch is pinned to the CPU build here only; the package itself accepts any torch >= 2.2.
+# torch is pinned to the CPU build here only; the package itself accepts any torch >= 2.6 (docs/versions.md).
 set -euo pipefail
 VENV="${LORAKIT_VENV:-.venv}"
 EXTRAS="${1:-}"

@@ -237,7 +237,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
         if ckpt:
             enable_gradient_checkpointing(model)
-            assert model.is_activation_checkpointing
+            # transformers >= 5.2 names it activation checkpointing, earlier versions gradient checkpointing
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         model.train()
         accumulate_gradients(TrainStep(model, 16), [collate(examples, PAD)])
         grads.append(lora_grads(model))

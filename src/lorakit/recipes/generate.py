@@ -53,7 +53,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True)
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # no token_type_ids: causal LMs take none
             kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
                           eos_token_id=tokenizer.eos_token_id)
             if temperature > 0:
