@@ -59,7 +59,8 @@ def _adds_bos(tokenizer) -> bool:
     return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
-def tokenize_example(segments, tokenizer, max_seq_len: int, train_on_inputs: bool = False) -> dict | None:
+def tokenize_example(segments, tokenizer, max_seq_len: int, train_on_inputs: bool = False,
+                     adds_bos: bool | None = None) -> dict | None:
     """(text, supervised) segments -> {"input_ids", "labels", "truncated"}; None if nothing is supervised.
 
     input_ids = [bos if the tokenizer adds one] + ids(segment_1) + ... + [eos]; truncated to
@@ -79,7 +80,7 @@ def tokenize_example(segments, tokenizer, max_seq_len: int, train_on_inputs: boo
     if not input_ids or input_ids[-1] != eos:
         input_ids.append(eos)
         labels.append(eos)
-    if _adds_bos(tokenizer) and input_ids[0] != tokenizer.bos_token_id:
+    if (_adds_bos(tokenizer) if adds_bos is None else adds_bos) and input_ids[0] != tokenizer.bos_token_id:
         input_ids.insert(0, tokenizer.bos_token_id)
         labels.insert(0, IGNORE_INDEX)
     truncated = len(input_ids) > max_seq_len
@@ -98,6 +99,7 @@ def build_examples(records: list[dict], tokenizer, cfg) -> tuple[list[dict], "Da
     """
     fmt = detect_format(records, cfg.path) if cfg.format == "auto" else cfg.format
     stats = DataStats(n_rows=len(records), format=fmt)
+    adds_bos = _adds_bos(tokenizer)  # once, not per row
     examples = []
     for i, record in enumerate(records):
         try:
@@ -105,7 +107,7 @@ def build_examples(records: list[dict], tokenizer, cfg) -> tuple[list[dict], "Da
         except DataError as e:
             where = f"{cfg.path}: " if cfg.path else ""
             raise DataError(f"{where}row {i + 1} (format {fmt!r}): {e}") from None
-        ex = tokenize_example(segments, tokenizer, cfg.max_seq_len, cfg.train_on_inputs)
+        ex = tokenize_example(segments, tokenizer, cfg.max_seq_len, cfg.train_on_inputs, adds_bos)
         if ex is None:
             stats.n_dropped_no_supervision += 1
             continue
