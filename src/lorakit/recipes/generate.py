@@ -12,6 +12,7 @@ import torch
 from ..config import ConfigError
 from ..data.formats import CHATML, format_prompt, render
 from ..data.tokenize import pad_token_id
+from ..dtypes import short_name
 from ..model.modules import model_device
 
 
@@ -40,19 +41,79 @@ def chat_prompt(messages: list[dict], tokenizer) -> str:
     return text + CHATML["start"].format(role="assistant")
 
 
+def _contiguous_input(module, args):
+    """Forward pre-hook for the output head during generation. transformers hands the head only the
+    last position, hidden[:, -1:, :] ([B, 1, H] with a batch stride of T*H); torch's CPU matmul does
+    not fold such a strided 3-D input into one [B, H] @ [H, V] product but broadcasts the head weight
+    to [B, H, V] and copies it (Qwen2.5-0.5B's 152k-row head at B=16: 4.3 GB and ~20 s per token,
+    measured). A contiguous copy of the B rows costs nothing."""
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+GENERATION_BUDGET_FLOOR = 64 * 2**20  # tiny models: a training row's activations are a few MiB
+
+
+def generation_budget(model, seq_len: int) -> int:
+    """The memory a generation batch may use beyond the weights: what one training row of `seq_len`
+    tokens needs for its activations, loss and workspace (memory/estimate.py), at least 64 MiB, so
+    that generating (eval --exact-match, generate, chat, samples during training) stays within
+    what training the same model needs."""
+    from ..memory.estimate import Settings, estimate
+    from ..quant.linear4bit import Linear4bit
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
+    quantized = any(isinstance(m, Linear4bit) for m in model.modules())
+    s = Settings(method="qlora" if quantized else "lora", seq_len=max(seq_len, 2), batch_size=1,
+                 dtype=short_name(dtype),
+                 device="cuda" if model_device(model).type == "cuda" else "cpu")
+    c = estimate(model, s).components
+    return max(GENERATION_BUDGET_FLOOR, c["activations"] + c["logits_loss"] + c["workspace"])
+
+
+def _batches(lengths: list[int], order: list[int], model, max_new_tokens: int, batch_size: Optional[int],
+             max_batch: int) -> list[list[int]]:
+    """Prompt indices per batch, in length order: `batch_size` each, or (None) the largest batch whose
+    generation workspace (memory/generation.py) fits generation_budget for its longest prompt."""
+    if batch_size is not None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    from ..memory.generation import generation_bytes
+    from ..memory.shapes import resolve_shape
+    from ..quant.linear4bit import Linear4bit
+
+    shape = resolve_shape(model)
+    bc = next((p.element_size() for p in model.parameters() if p.is_floating_point() and not p.requires_grad), 4)
+    quantized = any(isinstance(m, Linear4bit) for m in model.modules())
+    budget = generation_budget(model, max(lengths) + max_new_tokens)
+    out, i = [], 0
+    while i < len(order):
+        b = min(max_batch, len(order) - i)
+        while b > 1 and generation_bytes(shape, b, lengths[order[i + b - 1]], max_new_tokens, bc,
+                                         quantized)["total"] > budget:
+            b -= 1
+        out.append(order[i:i + b])
+        i += b
+    return out
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             batch_size: int = 16, stop: Optional[list[str]] = None) -> list[str]:
-    """Continue each prompt (greedy when temperature == 0), left-padded batches; the new text only."""
+             batch_size: Optional[int] = None, stop: Optional[list[str]] = None, max_batch: int = 16) -> list[str]:
+    """Continue each prompt (greedy when temperature == 0), left-padded batches; the new text only.
+    Prompts are batched in order of length (less padding), the answers returned in the given order;
+    `batch_size` None picks each batch from the memory it needs (at most `max_batch` prompts)."""
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = pad_token_id(tokenizer)
     device = model_device(model)
-    outputs: list[str] = []
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    answers: dict[int, str] = {}
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+        for ids in (_batches(lengths, order, model, max_new_tokens, batch_size, max_batch) if prompts else []):
+            chunk = [prompts[i] for i in ids]
             enc = tokenizer(chunk, return_tensors="pt", padding=True)
             enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # no token_type_ids: causal LMs take none
             kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -64,11 +125,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
             out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1]:]                     # [B, new tokens]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            outputs += [_cut(t, stop) for t in texts]
+            answers.update({i: _cut(t, stop) for i, t in zip(ids, texts)})
     finally:
+        if hook is not None:
+            hook.remove()
         tokenizer.padding_side = side
         model.train(was_training)
-    return outputs
+    return [answers[i] for i in range(len(prompts))]
 
 
 def _cut(text: str, stop: Optional[list[str]]) -> str:
