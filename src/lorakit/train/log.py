@@ -14,11 +14,31 @@ from ..utils.memory import peak_rss_bytes
 log = logging.getLogger("lorakit")
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory allocated (CUDA), else the process's peak resident set size."""
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak figures of `peak_memory` from now (CUDA peak stats; on Linux also the process's
+    RSS high-water mark, by writing 5 to /proc/self/clear_refs, proc(5), so a second run in the same
+    process (a sweep, a notebook) does not report the first one's peak)."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return peak_rss_bytes()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        log.debug("could not reset the peak-RSS record: CPU peaks are since the process started")
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The measured peaks, each named for exactly what it is: "peak_rss_bytes" (the process's resident
+    set, what a CPU user sees in top); on CUDA also "peak_allocated_bytes" (torch.cuda.max_memory_allocated:
+    tensors) and "peak_reserved_bytes" (max_memory_reserved: what the caching allocator holds, what
+    nvidia-smi shows minus the CUDA context). "peak_memory_bytes": the headline figure, RSS on CPU,
+    reserved on CUDA."""
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    if device.type == "cuda":
+        out.update(peak_allocated_bytes=int(torch.cuda.max_memory_allocated(device)),
+                   peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+    out["peak_memory_bytes"] = out.get("peak_reserved_bytes", out["peak_rss_bytes"])
+    return out
 
 
 class MetricsWriter:

@@ -32,7 +32,7 @@ from ..model.modules import model_device
 from ..precision import Precision, check_model_precision, model_precision
 from ..utils.fs import claim_folder
 from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
-from .log import MetricsWriter, peak_memory_bytes, plot_loss_curve
+from .log import MetricsWriter, peak_memory, plot_loss_curve, reset_peak_memory
 from .loss import count_supervised
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -53,7 +53,8 @@ class TrainResult:
     stopped_reason: str
     tokens_per_s: float
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # the headline measured peak: RSS on CPU, max_memory_reserved on CUDA (train/log.py)
+    peak_allocated_bytes: Optional[int] = None  # CUDA: max_memory_allocated
 
 
 def total_steps_for(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
@@ -172,6 +173,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
     step_fn.train()
+    reset_peak_memory(device)  # the run's peak, not the load's (nor a previous run's in this process)
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
@@ -231,14 +233,15 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
         save_adapter(model, run_dir / "adapter", overwrite=True)
-    peak = peak_memory_bytes(device)
-    metrics.write({"step": state["step"], "event": "end", "reason": reason, "peak_memory_bytes": peak,
+    peaks = peak_memory(device)
+    peak = peaks["peak_memory_bytes"]
+    metrics.write({"step": state["step"], "event": "end", "reason": reason, **peaks,
                    "seconds": elapsed, "best_val_loss": state["best_val"], "best_step": state["best_step"]})
     metrics.close()
     plot_loss_curve(run_dir)
     log.info("%s after %d steps in %.1f s; peak memory %.1f MiB", reason, state["step"], elapsed, peak / 2**20)
     return TrainResult(run_dir, state["step"], loss_value, state["best_val"], state["best_step"], stopped, reason,
-                       tokens_seen / max(elapsed, 1e-9), elapsed, peak)
+                       tokens_seen / max(elapsed, 1e-9), elapsed, peak, peaks.get("peak_allocated_bytes"))
 
 
 def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step) -> bool:
