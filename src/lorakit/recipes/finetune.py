@@ -87,7 +87,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwr
             cfg = fit_micro_batch(cfg, model, precision, seq_len)
         predicted = predict_run_memory(cfg, model, precision, seq_len, process_rss_bytes=current_rss_bytes())
         result = train(model, train_ex, val_ex, cfg, pad_id=pad_token_id(tokenizer), resume=resume,
-                       progress=progress, overwrite=overwrite, precision=precision, fast=fast)
+                       progress=progress, overwrite=overwrite, precision=precision, fast=fast, tokenizer=tokenizer)
     log.info("memory: %s", describe_memory(predicted, result))
     write_run_info(result.run_dir, model, predicted.headline[1], predicted.to_dict())  # this run's one prediction
     write_report(result.run_dir)                      # report.html, self-contained

@@ -1,4 +1,5 @@
-"""Run records: metrics as JSON lines, TensorBoard when installed, a loss-curve PNG, peak memory."""
+"""Run records: metrics as JSON lines (mirrored to the trackers of train.report_to), sample
+generations, a loss-curve PNG, peak memory."""
 
 from __future__ import annotations
 
@@ -41,23 +42,19 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to run_dir/metrics.jsonl (and TensorBoard if present)."""
+class JsonLines:
+    """Appends one JSON object per line to a run file; on resume drops the lines of steps after the
+    checkpoint the run restarts from."""
 
-    def __init__(self, run_dir: Path, resume: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, path: Path, resume: bool = False):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSON lines only
-            self._tb = None
+        if resume and self.path.is_file():
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._file = open(self.path, "w", encoding="utf-8")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines written after the checkpoint we restart from."""
         self._file.close()
         lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
         kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
@@ -67,15 +64,27 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record.get("step", 0))
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+
+class MetricsWriter(JsonLines):
+    """run_dir/metrics.jsonl, each record also sent to the run's trackers (train/trackers.py)."""
+
+    def __init__(self, run_dir: Path, resume: bool = False, trackers: list = ()):
+        super().__init__(Path(run_dir) / "metrics.jsonl", resume)
+        self.trackers = list(trackers)
+
+    def write(self, record: dict) -> None:
+        super().write(record)
+        for t in self.trackers:
+            t.log(record)
+
+    def close(self) -> None:
+        super().close()
+        for t in self.trackers:
+            t.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
