@@ -166,7 +166,8 @@ def dequantize_blockwise(
     n_blocks = math.ceil(n / blocksize)
     if absmax.numel() != n_blocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{blocksize}) = {n_blocks}")
-    values = code.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1).long()]  # [n]
+    table = code.to(device=codes.device, dtype=torch.float32)  # [256]
+    values = table.index_select(0, codes.reshape(-1).to(torch.int32))  # [n]
     values = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n))  # [n_blocks * blocksize]
     out = values.view(n_blocks, blocksize) * absmax.float().view(n_blocks, 1)  # [n_blocks, blocksize]
     return out.reshape(-1)[:n].reshape(codes.shape).to(dtype)
