@@ -133,10 +133,10 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     changes codes. So a weight quantized on a GPU has the bytes it gets on the CPU (and from
     bitsandbytes on the CPU). Costs one copy of n/blocksize floats (3.7 MB for Llama-3-8B's
     largest matrix) at load time only."""
-    code2 = create_dynamic_map(signed=True).to(absmax.device)
+    code2 = create_dynamic_map(signed=True)  # [256] on the CPU: its lookup table is cached by value
     offset = absmax.detach().to("cpu", torch.float32).mean().to(absmax.device)
     codes, absmax2 = quantize_blockwise(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
-    return codes, absmax2, offset, code2
+    return codes, absmax2, offset, code2.to(absmax.device)
 
 
 def quantize_4bit(
