@@ -317,3 +317,10 @@ def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: Op
         words = table.index_select(0, flat[start // 2:(n + 1) // 2].to(torch.int32))  # [ceil((n - start) / 2)]
         torch.mul(words.view(torch.float32)[: n - start], absmax[n_full], out=result[start:n])
     return result.view(state.shape)
+
+
+def gemv_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """y = x @ W^T with W = dequantize_4bit_reference(packed, state, x.dtype) [N, K]: x [..., K] -> y [..., N].
+    The definition of the "gemv_4bit" kernels (quant/kernels), which compute it for a few rows of x
+    without writing W; their fp32 sums run in another order, so they agree to rounding, not bits."""
+    return x @ dequantize_4bit_reference(packed, state, x.dtype).t()  # [..., N]
