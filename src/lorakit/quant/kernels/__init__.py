@@ -121,6 +121,6 @@ def _c_ready() -> bool:
 
 register("dequantize_4bit", "c-cpu", cpu.dequantize_4bit, ("cpu",), _c_ready)
 register("quantize_4bit", "c-cpu", cpu.quantize_4bit, ("cpu",), _c_ready)
-register("dequantize_4bit", "triton", gpu.dequantize_4bit, ("cuda",), gpu.available)
-register("quantize_4bit", "triton", gpu.quantize_4bit, ("cuda",), gpu.available)
-register("gemv_4bit", "triton", gpu.gemv_4bit, ("cuda",), gpu.available)
+register("dequantize_4bit", "triton", gpu.dequantize_4bit, ("cuda",), lambda: gpu.available())
+register("quantize_4bit", "triton", gpu.quantize_4bit, ("cuda",), lambda: gpu.available())
+register("gemv_4bit", "triton", gpu.gemv_4bit, ("cuda",), lambda: gpu.available())
