@@ -201,3 +201,14 @@ def test_registry_rejects_bad_names():
         kernels.register("dequantize_4bit", "c-cpu", lambda: None)
     with pytest.raises(ValueError, match="must be one of \\('auto', 'reference'\\)"):
         kernels.set_backend("triton")
+
+
+def test_missing_compiler_warning_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "_state", {})
+    real = cpu.install_hint
+    monkeypatch.setattr(cpu, "install_hint", lambda: real("Linux"))
+    with pytest.warns(RuntimeWarning, match=r"sudo apt-get install gcc \(Debian/Ubuntu\)"):
+        cpu.load()
+    assert "xcode-select --install" in cpu.install_hint("Darwin")
+    assert "WSL2" in cpu.install_hint("Windows")
