@@ -37,7 +37,13 @@ def emit(result: dict) -> None:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS: VmHWM (its own address space; ru_maxrss also counts the parent's
+    RSS at fork), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---- checkpoint --------------------------------------------------------------------------------
