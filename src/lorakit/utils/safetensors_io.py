@@ -66,6 +66,7 @@ def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tu
             if f.readinto(memoryview(buf.numpy())) != end - start:
                 raise ValueError(f"{path}: truncated data for tensor {name!r}")
             yield name, buf.view(dtype).reshape(info["shape"])
+            del buf  # the caller's reference is now the only one: the next read may reuse the memory
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
