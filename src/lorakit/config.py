@@ -229,6 +229,17 @@ class TrainConfig:
     """Mirror metrics and the config to experiment trackers: any of "tensorboard" (event files in the
     run folder's tensorboard/), "wandb", "mlflow", "trackio" (each library is needed only when named);
     empty or "none": metrics.jsonl only."""
+    distributed: str = "auto"
+    """Under torchrun with several processes: "ddp" (every rank holds the whole base; gradients
+    all-reduced), "fsdp2" (the frozen 4-bit codes, LoRA weights and optimizer state sharded over the
+    ranks: a base too big for one device), or "auto" (fsdp2 when the memory planner says the run does
+    not fit one device, else ddp). Ignored in one process."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp2: free each layer's gathered weights after its forward (less memory, one more all-gather
+    per layer in backward; false keeps them until backward)."""
+    dist_timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before the job fails (a hung or dead rank
+    ends the run with an error instead of a silent wait)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
 
@@ -236,6 +247,9 @@ class TrainConfig:
         _allowed("train.schedule", self.schedule, SCHEDULES)
         _allowed("train.optimizer", self.optimizer, OPTIMIZERS)
         _allowed("train.precision", self.precision, PRECISIONS)
+        _allowed("train.distributed", self.distributed, ("auto", "ddp", "fsdp2"))
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s!r} is not allowed; it must be > 0")
         for name in ("micro_batch_size", "grad_accum", "loss_chunk_size", "log_every", "sample_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 1")

@@ -7,6 +7,12 @@ micro-batch can be rebuilt from its index alone: a resumed run sees exactly the 
 uninterrupted one would, and a checkpoint needs no sampler state. `Batches` is map-style
 (`__getitem__`, `__len__` = micro-batches per epoch), so it also works as a DataLoader dataset
 with batch_size=None.
+
+On W ranks (train/distributed.py) micro-batch k of the stream is rows k*m*W ... (k+1)*m*W - 1 (the
+global micro-batch one process with micro-batch m*W would see) and rank r takes its slice
+r*m ... (r+1)*m - 1 of them. Every rank runs the same number of micro-batches: a rank whose slice of
+a short last batch is empty gets a stand-in row with nothing supervised (loss 0, no gradient), so
+the collectives of every rank stay in step.
 """
 
 from __future__ import annotations
@@ -16,17 +22,19 @@ import math
 import torch
 
 from .collate import collate, collate_packed, pack_examples
+from .tokenize import IGNORE_INDEX
 
 
 class Batches:
     """Micro-batch `index` of the stream over `examples` (module docstring), collated with `pad_id`."""
 
     def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, pad_id: int,
-                 pack: bool = False, max_seq_len: int = 0, shuffle: bool = True):
+                 pack: bool = False, max_seq_len: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.rows = pack_examples(examples, max_seq_len) if pack else examples
         self.collate = collate_packed if pack else collate
         self.mbs, self.seed, self.pad_id, self.shuffle = micro_batch_size, seed, pad_id, shuffle
-        self.per_epoch = math.ceil(len(self.rows) / micro_batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = math.ceil(len(self.rows) / (micro_batch_size * world_size))
         self._order: dict[int, list[int]] = {}
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -40,7 +48,13 @@ class Batches:
 
     def __getitem__(self, index: int) -> dict:
         epoch, i = divmod(index, self.per_epoch)
-        ids = self._epoch_order(epoch)[i * self.mbs:(i + 1) * self.mbs]
+        order = self._epoch_order(epoch)
+        rows = self.mbs * self.world_size                                   # one global micro-batch
+        ids = order[i * rows:(i + 1) * rows][self.rank * self.mbs:(self.rank + 1) * self.mbs]
+        if not ids:  # this rank's share of a short last batch: a stand-in with nothing supervised
+            row = dict(self.rows[order[0]])
+            row["labels"] = [IGNORE_INDEX] * len(row["labels"])
+            return self.collate([row], self.pad_id)
         return self.collate([self.rows[j] for j in ids], self.pad_id)
 
     def __len__(self) -> int:

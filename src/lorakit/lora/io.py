@@ -90,27 +90,31 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, ModulesToSave):
             for pname, p in module.module.named_parameters():
                 out[f"{PREFIX}{name}.{pname}"] = p
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    # a parameter sharded by FSDP2 is gathered whole (full_tensor: a collective every rank calls)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu() for k, v in out.items()}
 
 
-def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the two adapter files into an existing folder (not atomic; see save_adapter)."""
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: Optional[str] = None,
+                        tensors: Optional[dict] = None) -> None:
+    """Write the two adapter files into an existing folder (not atomic; see save_adapter); `tensors`:
+    adapter_state_dict(model) when already computed (on every rank of a distributed run)."""
     from safetensors.torch import save_file
 
     if not hasattr(model, "lorakit_config"):
         raise ValueError("this model has no lorakit adapters; call lorakit.add_lora first")
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     cfg = adapter_config_dict(model, model.lorakit_config, base)
-    save_file(adapter_state_dict(model), str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors if tensors is not None else adapter_state_dict(model), str(Path(folder) / WEIGHTS_NAME),
+              metadata={"format": "pt"})
     (Path(folder) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, tensors: Optional[dict] = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors to `path` (a new or empty folder, or,
     with `overwrite`, a previous lorakit adapter folder), atomically; see utils/fs.py."""
     with output_folder(path, "adapter", overwrite) as tmp:
-        write_adapter_files(model, tmp, base_model_name_or_path)
+        write_adapter_files(model, tmp, base_model_name_or_path, tensors)
     return Path(path)
 
 

@@ -34,6 +34,10 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 # The caching allocator keeps freed blocks for reuse; reserved exceeds allocated by a few percent
 # in steady training. 10% of the allocated peak is our margin for that (and for estimate error).
 FRAGMENTATION_MARGIN = 0.10
+# NCCL keeps its own buffers outside the caching allocator: a few hundred MiB per process for the
+# rings and channels of one node (NCCL docs on NCCL_BUFFSIZE, 4 MiB per channel per peer; not yet
+# measured here). Counted once per rank of a multi-GPU run.
+NCCL_BYTES = 256 * 2**20
 COMPONENTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations",
               "logits_loss", "workspace", "runtime_overhead")
 
@@ -80,6 +84,11 @@ class Settings:
     (model.lean_activations)."""
     fused_loss: bool = True
     """The fused head + cross-entropy of train/loss.py (off with model.fast_paths: false)."""
+    world_size: int = 1
+    """Ranks of a distributed run (train/distributed.py); the estimate is per rank."""
+    strategy: str = "ddp"
+    """With world_size > 1: "ddp" (every rank holds everything) or "fsdp2" (decoder layers' frozen
+    weights, LoRA weights, gradients and optimizer state sharded over the ranks)."""
     mmap_embeddings: bool = False
     """CPU: the frozen input embedding is a copy-on-write map of its file (model.mmap_embeddings), so
     it is not allocated and only the rows a batch looks up become resident (untied embeddings only:
@@ -97,6 +106,9 @@ class Settings:
         check("attn_impl", self.attn_impl, ("", "sdpa", "eager"))
         check("adapter_dtype", self.adapter_dtype, ("float32", "compute"))
         check("branch_dtype", self.branch_dtype, ("compute", "adapter"))
+        check("strategy", self.strategy, ("ddp", "fsdp2"))
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size!r} is not allowed; it must be an integer >= 1")
         for name in ("seq_len", "batch_size", "rank", "loss_chunk_size", "blocksize"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be an integer >= 1")
@@ -206,21 +218,26 @@ def _weights(shape: ModelShape, s: Settings, adapted: list[list[bool]]) -> dict:
         n = shape.n_params()
         frozen += 0 if bc == 4 else n * bc
         return {"frozen": frozen, "trainable": 4 * n, "trainable_sizes": _full_tensor_sizes(shape), "grad_bytes": 4}
-    frozen += dense_other * bc
+    root = frozen + (embed + head + h) * bc  # outside the decoder layers (FSDP2's root unit)
     trainable_sizes: list[int] = []
+    layer_params, quant_states = [], 0  # per layer: bytes FSDP2 shards (codes, dense weights, norms)
     from ..model.targets import name_matches
 
     for i, row in enumerate(adapted):
+        params = shape.norms_per_layer * h * bc
         for (name, in_f, out_f, bias), is_target in zip(shape.linear_layers(), row):
             if s.method == "qlora" and not name_matches(f"model.layers.{i}.{name}", s.skip_modules):
-                frozen += linear4bit_bytes(out_f, in_f, s)
+                params += out_f * in_f // 2
+                quant_states += quant_state_bytes(out_f, in_f, s)  # buffers: replicated
             else:
-                frozen += out_f * in_f * bc
-            frozen += out_f * bc if bias else 0
+                params += out_f * in_f * bc
+            params += out_f * bc if bias else 0
             if is_target:
                 trainable_sizes += [s.rank * in_f, out_f * s.rank]
-    return {"frozen": frozen, "trainable": sum(trainable_sizes) * ab, "trainable_sizes": trainable_sizes,
-            "grad_bytes": ab}
+        layer_params.append(params)
+    return {"frozen": root + quant_states + sum(layer_params), "trainable": sum(trainable_sizes) * ab,
+            "trainable_sizes": trainable_sizes, "grad_bytes": ab, "root": root, "quant_states": quant_states,
+            "layer_params": layer_params}
 
 
 def _full_tensor_sizes(shape: ModelShape) -> list[int]:
@@ -271,9 +288,32 @@ def estimate(model, settings: Settings = Settings(), **overrides) -> Estimate:
     work = workspace_bytes(shape, s, adapted, act, loss)
     comps = {"frozen_weights": w["frozen"], "trainable_weights": w["trainable"], "gradients": w["trainable"],
              "optimizer_state": state, "activations": act["total"], "logits_loss": loss, "workspace": work["total"]}
+    dist = {}
+    if s.world_size > 1 and s.strategy == "fsdp2" and s.method != "full":
+        comps, dist = _per_rank_fsdp2(comps, w, shape, s)
     allocated = sum(comps.values())
     context = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
+    if s.world_size > 1 and s.device == "cuda":
+        context += NCCL_BYTES
     comps["runtime_overhead"] = context + int(FRAGMENTATION_MARGIN * allocated)
     trainable = sum(sizes)
     return Estimate(shape.name, s, comps, shape.n_params(), trainable,
-                    details={"activations": act, "workspace": work, "attn_impl": shape.attn_impl})
+                    details={"activations": act, "workspace": work, "attn_impl": shape.attn_impl, "distributed": dist})
+
+
+def _per_rank_fsdp2(comps: dict, w: dict, shape: ModelShape, s: Settings) -> tuple[dict, dict]:
+    """One rank's share under FSDP2 (train/distributed.py): each decoder layer's parameters (4-bit
+    codes, dense weights, norms) and the LoRA weights, gradients and optimizer state are split over
+    the ranks; the QuantState buffers and the root unit (embeddings, final norm, head: kept gathered
+    from forward to backward) are whole on every rank; two layers' parameters are gathered at a time
+    (the running one and the prefetched next), and one layer's LoRA gradients exist whole before
+    their reduce-scatter."""
+    world = s.world_size
+    layers = w["layer_params"]
+    per_layer_trainable = w["trainable"] // max(shape.layers, 1)
+    frozen = w["root"] + w["quant_states"] + sum(layers) // world + 2 * max(layers)
+    out = dict(comps, frozen_weights=frozen, trainable_weights=comps["trainable_weights"] // world,
+               gradients=comps["gradients"] // world + per_layer_trainable,
+               optimizer_state=comps["optimizer_state"] // world)
+    return out, {"world_size": world, "strategy": "fsdp2", "sharded_layer_bytes": sum(layers),
+                 "gathered_layer_bytes": 2 * max(layers), "replicated_bytes": w["root"] + w["quant_states"]}

@@ -62,8 +62,9 @@ class Option:
     def describe(self) -> str:
         s = self.settings
         what = ", ".join(self.changes) if self.changes else "as given"
+        gpus = f", {s.world_size} GPUs {s.strategy}" if s.world_size > 1 else ""
         return (f"{what}: micro-batch {s.batch_size} x accum {self.grad_accum}, seq {s.seq_len}, {s.method}, "
-                f"{s.optimizer}, grad-ckpt {ckpt_label(s)} -> {format_bytes(self.predicted_bytes)}")
+                f"{s.optimizer}, grad-ckpt {ckpt_label(s)}{gpus} -> {format_bytes(self.predicted_bytes)} per GPU")
 
 
 def _micro_batches(effective: int) -> list[int]:
@@ -107,7 +108,7 @@ def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
     opts = [(s.optimizer, [], 0)]
     if s.optimizer in ("adamw_torch", "paged_adamw_32bit"):
         opts.append(("adamw_8bit" if s.optimizer == "adamw_torch" else "paged_adamw_8bit", ["8-bit optimizer"], COSTS["adamw_8bit"]))
-    if s.device == "cuda" and not s.optimizer.startswith("paged_"):
+    if s.device == "cuda" and not s.optimizer.startswith("paged_") and s.strategy != "fsdp2":
         opts.append(("paged_adamw_8bit", ["paged 8-bit optimizer"], COSTS["adamw_8bit"] + COSTS["paged"]))
     methods = [(s.method, [], 0)]
     if s.method == "full":
@@ -118,15 +119,27 @@ def _variants(s: Settings) -> list[tuple[Settings, list[str], int]]:
     while t // 2 >= MIN_SEQ_LEN:
         t, k = t // 2, k + 1
         seqs.append((t, [f"seq_len {t}"], k * COSTS["seq_len"]))
+    strategies = [(s.strategy, [], 0)]
+    if s.world_size > 1 and s.strategy == "ddp":
+        strategies.append(("fsdp2", ["FSDP2 (shard the base over the GPUs)"], 1))
+    out = []
+    for strat, n0, c0 in strategies:
+        out += _combine(s, strat, n0, c0, ckpts, opts, methods, seqs)
+    return out
+
+
+def _combine(s: Settings, strat: str, n0: list, c0: int, ckpts, opts, methods, seqs) -> list:
     out = []
     for ck, n1, c1 in ckpts:
         for opt, n2, c2 in opts:
             for meth, n3, c3 in methods:
                 if ck == (True, False) and meth == "full" and ck != (s.grad_ckpt, s.ckpt_replay):
                     continue  # replay only concerns adapted frozen layers: same as plain checkpointing here
+                if strat == "fsdp2" and opt != "adamw_torch":
+                    continue  # FSDP2 trains with adamw_torch (train/distributed.py)
                 for seq, n4, c4 in seqs:
-                    out.append((replace(s, grad_ckpt=ck[0], ckpt_replay=ck[1], optimizer=opt, method=meth, seq_len=seq),
-                                n1 + n2 + n3 + n4, c1 + c2 + c3 + c4))
+                    out.append((replace(s, grad_ckpt=ck[0], ckpt_replay=ck[1], optimizer=opt, method=meth, seq_len=seq,
+                                        strategy=strat), n0 + n1 + n2 + n3 + n4, c0 + c1 + c2 + c3 + c4))
     return out
 
 
@@ -228,12 +241,16 @@ CPU_RUNTIME_BYTES = 48 * 2**20
 
 
 def predict_run_memory(cfg, model, precision=None, seq_len: Optional[int] = None,
-                       process_rss_bytes: Optional[int] = None) -> MemoryPrediction:
-    """The run's MemoryPrediction (class docstring); on CPU `process_rss_bytes` is the process's
-    resident set just before training (utils/memory.current_rss_bytes)."""
+                       process_rss_bytes: Optional[int] = None, world_size: int = 1,
+                       strategy: str = "none") -> MemoryPrediction:
+    """The run's MemoryPrediction (class docstring), per rank of `world_size` under `strategy`; on CPU
+    `process_rss_bytes` is the process's resident set just before training (utils/memory.current_rss_bytes)."""
     from .estimate import FRAGMENTATION_MARGIN
 
-    est = estimate(model, settings_for_run(cfg, model, precision, seq_len))
+    s = settings_for_run(cfg, model, precision, seq_len)
+    if world_size > 1:
+        s = replace(s, world_size=world_size, strategy=strategy if strategy in ("ddp", "fsdp2") else "ddp")
+    est = estimate(model, s)
     allocated = est.peak_allocated_bytes
     if est.settings.device == "cuda":
         return MemoryPrediction("cuda", allocated, reserved_bytes=int(allocated * (1 + FRAGMENTATION_MARGIN)))

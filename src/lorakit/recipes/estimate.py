@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="rows per cross-entropy chunk (default 1024)")
     parser.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation (default: the model's)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where it trains (default cuda)")
-    parser.add_argument("--fit", default=None, metavar="BUDGET", help="list settings that fit BUDGET (e.g. 15GiB, 24GB)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) of a distributed run: the estimate is per GPU")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
+                        help="with --gpus N: ddp (every GPU holds the base) or fsdp2 (the base sharded); --fit also tries fsdp2")
+    parser.add_argument("--fit", default=None, metavar="BUDGET", help="list settings that fit BUDGET per GPU (e.g. 15GiB, 24GB)")
     parser.add_argument("--generate", type=int, default=None, metavar="BATCH",
                         help="also show what generating for BATCH prompts of --seq-len tokens costs beyond the weights "
                              "(KV cache, prefill, logits; memory/generation.py)")
@@ -64,14 +67,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     return Settings(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                     targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, lean_activations=args.lean_activations, optimizer=args.optimizer, dtype=args.dtype,
-                    loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "")
+                    loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "",
+                    world_size=args.gpus, strategy=args.strategy)
 
 
 def format_table(est: Estimate) -> str:
     s = est.settings
     lines = [f"{est.model}: {s.method}, {est.n_params / 1e9:.2f}B params ({est.trainable_params:,} trainable), "
              f"seq {s.seq_len} x batch {s.batch_size}, r={s.rank}, {s.dtype}, {s.optimizer}, "
-             f"grad-ckpt {ckpt_label(s)}, attention {est.details['attn_impl']}", ""]
+             f"grad-ckpt {ckpt_label(s)}, attention {est.details['attn_impl']}"
+             + (f"; per GPU of {s.world_size} ({s.strategy})" if s.world_size > 1 else ""), ""]
     lines.append(f"{'component':<20} {'memory':>12}  what")
     for name in COMPONENTS:
         lines.append(f"{name:<20} {format_bytes(est.components[name]):>12}  {_NOTES[name]}")

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import RunConfig, add_run_arguments, config_from_args
+from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args
 from ..data import build_examples, load_records, pad_token_id, split_records, stats_text
 from ..lora.inject import add_lora, format_trainable
 from ..memory.planner import MemoryPrediction, parse_size, plan_micro_batch, predict_run_memory, settings_for_run
-from ..model.load import default_device, load_from_config
+from ..model.load import load_from_config
 from ..precision import Precision, run_precision
 from ..report.html import write_report
 from ..report.summary import write_run_info
+from ..train import distributed
 from ..train.loop import TrainResult, train
 from ..train.setup import FastPaths, describe_fast_paths, prepare_for_training
 from ..utils.fs import check_output_folder
@@ -68,8 +70,9 @@ def prepare_data(cfg: RunConfig, tokenizer):
 
 
 def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FinetuneOutput:
-    check_output_folder(cfg.train.output_dir, "run", overwrite, resume)  # before minutes of loading, not after
-    device = default_device()
+    ctx = distributed.setup(cfg.train.dist_timeout_s)  # one process, or this rank of a torchrun job
+    distributed.on_main(lambda: check_output_folder(cfg.train.output_dir, "run", overwrite, resume), ctx)  # before loading
+    device = ctx.device
     precision = run_precision(cfg, device)
     fast = FastPaths.from_config(cfg.model)
     with fast.kernel_scope():
@@ -85,13 +88,38 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwr
         seq_len = cfg.data.max_seq_len if cfg.data.pack else max(len(e["input_ids"]) for e in train_ex + val_ex)
         if cfg.train.fit_memory:
             cfg = fit_micro_batch(cfg, model, precision, seq_len)
-        predicted = predict_run_memory(cfg, model, precision, seq_len, process_rss_bytes=current_rss_bytes())
+        ctx.strategy = choose_strategy(cfg, model, precision, seq_len, ctx)  # ddp / fsdp2 on several ranks
+        predicted = predict_run_memory(cfg, model, precision, seq_len, process_rss_bytes=current_rss_bytes(),
+                                       world_size=ctx.world_size, strategy=ctx.strategy)
         result = train(model, train_ex, val_ex, cfg, pad_id=pad_token_id(tokenizer), resume=resume,
-                       progress=progress, overwrite=overwrite, precision=precision, fast=fast, tokenizer=tokenizer)
-    log.info("memory: %s", describe_memory(predicted, result))
-    write_run_info(result.run_dir, model, predicted.headline[1], predicted.to_dict())  # this run's one prediction
-    write_report(result.run_dir)                      # report.html, self-contained
+                       progress=progress, overwrite=overwrite, precision=precision, fast=fast, tokenizer=tokenizer,
+                       dist=ctx)
+    log.debug("memory: %s", describe_memory(predicted, result))  # `lorakit train` prints it; Run.summary has it
+    if ctx.is_main:
+        write_run_info(result.run_dir, model, predicted.headline[1], predicted.to_dict())  # this run's one prediction
+        write_report(result.run_dir)                      # report.html, self-contained
+    distributed.barrier(ctx)
     return FinetuneOutput(result, model, tokenizer, predicted, precision)
+
+
+def choose_strategy(cfg: RunConfig, model, precision: Precision, seq_len: int, ctx) -> str:
+    """train.distributed on several ranks: "auto" asks the planner whether one device holds the run
+    (CUDA: the device's memory; CPU: the host's, which DDP's processes share)."""
+    if not ctx.enabled:
+        return "none"
+    fits = True
+    if cfg.train.distributed == "auto" and ctx.device.type == "cuda":
+        from ..memory.estimate import estimate
+
+        need = estimate(model, settings_for_run(cfg, model, precision, seq_len)).total_bytes
+        fits = need <= torch.cuda.mem_get_info(ctx.device)[1]
+    strategy = distributed.resolve_strategy(cfg.train.distributed, ctx, fits)
+    if strategy == "fsdp2" and cfg.train.optimizer != "adamw_torch":
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer!r} with train.distributed=fsdp2: lorakit's 8-bit "
+                          "and paged optimizers keep state per local tensor, not per sharded parameter; use adamw_torch "
+                          "(LoRA's optimizer state is small) or train.distributed=ddp")
+    log.info("distributed: %d ranks, %s", ctx.world_size, strategy)
+    return strategy
 
 
 def describe_memory(predicted: MemoryPrediction, result: TrainResult) -> str:
@@ -132,7 +160,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    out = finetune(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    try:
+        out = finetune(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    finally:
+        distributed.teardown()
+    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     r = out.result
     print(f"{r.stopped_reason}: {r.steps} steps in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s")
     if r.best_val_loss is not None:

@@ -32,29 +32,37 @@ RUN_FILES = ("metrics.jsonl", "run_config.yaml", "run_info.json", "report.html",
              "merged", ".merged*", "demo_summary.json")
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device = torch.device("cpu")) -> dict:
+    """This process's random states: torch's CPU generator, Python's, and the training GPU's (only
+    that one: asking every visible GPU would create a CUDA context on each)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda, device)
 
 
 def _as_tuple(v):
     return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config_yaml: str) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config_yaml: str,
+                    adapter: Optional[dict] = None) -> Path:
+    """`trainer_state` holds the optimizer, schedule, loss scale, loop state and "rng_per_rank" (each
+    rank's rng_state, rank 0's also as "rng"); `adapter`: its tensors when already gathered from the
+    ranks (lora/io.adapter_state_dict)."""
     path = Path(run_dir) / f"checkpoint-{step:06d}"
+    ranks = trainer_state.get("rng_per_rank") or [rng_state()]
     with atomic_dir(path) as tmp:
-        write_adapter_files(model, tmp)
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
+        write_adapter_files(model, tmp, tensors=adapter)
+        torch.save({**trainer_state, "rng": ranks[0], "rng_per_rank": ranks}, tmp / STATE_NAME)
         (tmp / "run_config.yaml").write_text(config_yaml, encoding="utf-8")
     return path
 

@@ -69,6 +69,19 @@ class JsonLines:
         self._file.close()
 
 
+class NullWriter:
+    """What ranks other than 0 write: nothing (rank 0 keeps the run's files)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsWriter(JsonLines):
     """run_dir/metrics.jsonl, each record also sent to the run's trackers (train/trackers.py)."""
 

@@ -27,12 +27,15 @@ from torch import nn
 
 from ..config import RunConfig, to_dict
 from ..data.batches import Batches
-from ..lora.io import save_adapter
+from ..lora.io import adapter_state_dict, save_adapter
 from ..model.modules import model_device
 from ..precision import Precision, check_model_precision, model_precision
 from ..utils.fs import claim_folder
-from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
-from .log import MetricsWriter, peak_memory, plot_loss_curve, reset_peak_memory
+from .checkpoint import (RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+                         set_rng_state)
+from .distributed import (DistContext, all_reduce, barrier, clip_grad_norm, gather_objects, gradient_sync,
+                          load_optimizer_state, on_main, optimizer_state, unwrap, wrap)
+from .log import MetricsWriter, NullWriter, peak_memory, plot_loss_curve, reset_peak_memory
 from .loss import count_supervised
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -76,27 +79,33 @@ def tokens_in(batch: dict) -> int:
 
 
 def accumulate_gradients(step: nn.Module, micro: list[dict], scaler: Optional[torch.amp.GradScaler] = None,
-                         n_sup: Optional[int] = None) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; returns (mean loss, supervised tokens).
+                         n_sup: Optional[int] = None, ctx: Optional[DistContext] = None) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; returns (mean loss, supervised tokens),
+    both over every rank.
 
-    Each micro-batch contributes CE_sum / N_step where N_step (`n_sup`, counted on the host copies
-    of the labels when given) counts the supervised tokens of all micro-batches of the step, so the
-    accumulated gradient is that of one big batch. The loss is read back once, after the last one.
+    Each micro-batch contributes CE_sum / N_step where N_step counts the supervised tokens of all
+    micro-batches of the step on every rank (`n_sup`: counted on the host copies of the labels and
+    all-reduced when given), so the accumulated gradient is that of one big batch. On W ranks the
+    part is multiplied by W: the wrappers average the ranks' gradients. Gradients are synchronised
+    on the last micro-batch only. The loss is read back once, after the last one.
     """
+    ctx = ctx or DistContext()
     if n_sup is None:
-        n_sup = sum(count_supervised(b["labels"]) for b in micro)
+        n_sup = int(all_reduce([sum(count_supervised(b["labels"]) for b in micro)], ctx)[0])
     loss_sum = None
-    for b in micro:
-        part, _ = step(b)
-        scaled = part / max(n_sup, 1)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    for j, b in enumerate(micro):
+        with gradient_sync(step, ctx, last=j == len(micro) - 1):
+            part, _ = step(b)
+            scaled = part * (ctx.world_size / max(n_sup, 1))
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
-    return float(loss_sum) / max(n_sup, 1), n_sup
+    return all_reduce([float(loss_sum)], ctx)[0] / max(n_sup, 1), n_sup
 
 
 @torch.no_grad()
-def evaluate(step: nn.Module, batches: Batches, device: torch.device) -> float:
-    """Mean CE per supervised token over the whole validation set."""
+def evaluate(step: nn.Module, batches: Batches, device: torch.device, ctx: Optional[DistContext] = None) -> float:
+    """Mean CE per supervised token over the whole validation set (every rank's share, all-reduced)."""
+    ctx = ctx or DistContext()
     was_training = step.training
     step.eval()
     total, n = None, 0
@@ -106,13 +115,14 @@ def evaluate(step: nn.Module, batches: Batches, device: torch.device) -> float:
         part, _ = step(to_device(b, device))
         total = part if total is None else total + part
     step.train(was_training)
-    return float(total) / max(n, 1) if total is not None else float("nan")
+    total, n = all_reduce([float(total) if total is not None else 0.0, n], ctx)
+    return total / n if n else float("nan")
 
 
-def _loss_scale_overflow(scaler: torch.amp.GradScaler, loss: float, grad_norm: torch.Tensor) -> bool:
+def _loss_scale_overflow(scaler: torch.amp.GradScaler, loss: float, grad_norm: float) -> bool:
     """True when a loss scaler is on, the loss is finite, the gradients are not, and the scale is still
     above 1 (a scale pushed below 1 means the gradients really diverge: counted as a bad step)."""
-    return (scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(float(grad_norm))
+    return (scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm)
             and scaler.get_scale() > 1.0)
 
 
@@ -139,67 +149,69 @@ def first_nonfinite_module(step: TrainStep, batch: dict) -> str:
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
           pad_id: int, resume: bool = False, progress: bool = True, overwrite: bool = False,
-          precision: Optional[Precision] = None, fast: Optional[FastPaths] = None, tokenizer=None) -> TrainResult:
+          precision: Optional[Precision] = None, fast: Optional[FastPaths] = None, tokenizer=None,
+          dist: Optional[DistContext] = None) -> TrainResult:
     """Train the LoRA parameters of `model` (already adapted) and write the run folder: a new or
     empty folder, a previous run with `resume` (continued) or `overwrite` (its files replaced;
     anything else in the folder stays), see utils/fs.py. `precision` is the recipe's decision
     (default: the model's own dtype, checked against train.precision); `fast`: the fused loss;
-    `tokenizer`: for the sample answers written at evaluations (train/samples.py)."""
+    `tokenizer`: for the sample answers written at evaluations (train/samples.py); `dist`: this
+    process's rank and strategy (train/distributed.py; default: one process). Rank 0 writes."""
     import yaml
 
     tc = cfg.train
+    ctx = dist or DistContext(device=model_device(model))
     device = model_device(model)
     if precision is None:
         precision = model_precision(model, cfg)
     check_model_precision(model, precision)
-    run_dir = claim_folder(tc.output_dir, "run", RUN_FILES, overwrite=overwrite, resume=resume)
+    run_dir = on_main(lambda: claim_folder(tc.output_dir, "run", RUN_FILES, overwrite=overwrite, resume=resume), ctx)
     fast = fast or FastPaths.from_config(cfg.model)
-    step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss)  # forward + loss, one module
-    torch.manual_seed(tc.seed)  # dropout; the data order has its own generator (data/batches.py)
-    data = Batches(train_examples, tc.micro_batch_size, tc.seed, pad_id, cfg.data.pack, cfg.data.max_seq_len)
-    val = Batches(val_examples, tc.micro_batch_size, tc.seed, pad_id, shuffle=False) if val_examples else None
+    data = Batches(train_examples, tc.micro_batch_size, tc.seed, pad_id, cfg.data.pack, cfg.data.max_seq_len,
+                   rank=ctx.rank, world_size=ctx.world_size)
+    val = (Batches(val_examples, tc.micro_batch_size, tc.seed, pad_id, shuffle=False, rank=ctx.rank,
+                   world_size=ctx.world_size) if val_examples else None)
     total_steps = total_steps_for(cfg, len(data))
-    params = [p for p in model.parameters() if p.requires_grad]
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    ckpt = on_main(lambda: latest_checkpoint(run_dir) if resume else None, ctx)
+    saved = load_checkpoint(ckpt, model) if ckpt is not None else None  # the adapter, before any wrapping
+    torch.manual_seed(tc.seed + ctx.rank)  # dropout (per rank); the data order has its own generator
+    step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss)  # forward + loss, one module
+    wrapped = wrap(step_fn, ctx, tc.fsdp_reshard_after_forward)                # what DDP / FSDP2 run
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, tc.warmup_steps, tc.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    (run_dir / "run_config.yaml").write_text(config_yaml, encoding="utf-8")
-
+    global_batch = tc.micro_batch_size * tc.grad_accum * ctx.world_size
     state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "last_eval": None,
-             "seconds": 0.0, "tokens": 0}
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    metrics = MetricsWriter(run_dir, resume=ckpt is not None, trackers=open_trackers(tc.report_to, run_dir, to_dict(cfg)))
-    samples = Samples(run_dir, val_examples, tokenizer, tc.num_samples if tc.sample_every else 0,
-                      tc.sample_max_new_tokens, resume=ckpt is not None)
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["loop"]
-        set_rng_state(saved["rng"])
-        metrics.truncate_after(state["step"])
-        samples.truncate_after(state["step"])
+             "seconds": 0.0, "tokens": 0, "global_batch": global_batch}
+    if ctx.is_main:
+        (run_dir / "run_config.yaml").write_text(config_yaml, encoding="utf-8")
+    metrics = MetricsWriter(run_dir, resume=ckpt is not None, trackers=open_trackers(tc.report_to, run_dir, to_dict(cfg))) \
+        if ctx.is_main else NullWriter()
+    samples = Samples(run_dir, val_examples, tokenizer if ctx.is_main and ctx.strategy != "fsdp2" else None,
+                      tc.num_samples if tc.sample_every else 0, tc.sample_max_new_tokens, resume=ckpt is not None)
+    if saved is not None:
+        state = _restore(saved, optimizer, scheduler, scaler, ctx, metrics, samples, global_batch)
         log.info("resumed from %s (step %d of %d)", ckpt, state["step"], total_steps)
     elif resume:
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
-    step_fn.train()
+    wrapped.train()
     reset_peak_memory(device)  # the run's peak, not the load's (nor a previous run's in this process)
-    bar = Progress(total_steps, initial=state["step"], enabled=progress)
+    bar = Progress(total_steps, initial=state["step"], enabled=progress and ctx.is_main)
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
     loss_value, window = float("nan"), []
     while state["step"] < total_steps:
         step = state["step"]
         host = [data[step * tc.grad_accum + j] for j in range(tc.grad_accum)]
-        n_sup = sum(count_supervised(b["labels"]) for b in host)
-        tokens_seen += sum(tokens_in(b) for b in host)
+        n_sup, tokens = all_reduce([sum(count_supervised(b["labels"]) for b in host), sum(tokens_in(b) for b in host)], ctx)
+        tokens_seen += int(tokens)
         micro = [to_device(b, device) for b in host]
-        loss_value, _ = accumulate_gradients(step_fn, micro, scaler, n_sup)
+        loss_value, _ = accumulate_gradients(wrapped, micro, scaler, int(n_sup), ctx)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"), ctx)
         stepped = True
         if _loss_scale_overflow(scaler, loss_value, grad_norm):
             # fp16: the scaled backward overflowed, the loss did not: the scaler skips this update and
@@ -209,7 +221,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
             optimizer.zero_grad(set_to_none=True)
             stepped = False
             log.info("step %d: fp16 gradient overflow, update skipped; loss scale -> %g", step + 1, scaler.get_scale())
-        elif not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+        elif not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # the same verdict on every rank
             bad_in_row += 1
             where = first_nonfinite_module(step_fn, micro[0])
             warnings.warn(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}; "
@@ -233,11 +245,12 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         elapsed = time.perf_counter() - t0
         if step % tc.log_every == 0 or step == total_steps:
             metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                           "supervised_tokens": n_sup})
+                           "grad_norm": grad_norm, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                           "supervised_tokens": int(n_sup)})
         bar.update(step, loss_value, scheduler.get_last_lr()[0], tokens_seen / max(elapsed, 1e-9))
         if val is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
-            stop = _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step)
+            eval_step = unwrap(wrapped) if ctx.strategy == "ddp" else wrapped  # no collectives in a DDP eval
+            stop = _evaluate_and_track(eval_step, val, device, tc, state, window, metrics, run_dir, step, ctx)
             state["evals"] = state.get("evals", 0) + 1
             if tc.sample_every and (state["evals"] - 1) % tc.sample_every == 0:
                 samples.write(model, step)
@@ -248,42 +261,86 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
                                          f"at step {state['best_step']})")
         if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopped:
             state["seconds"], state["tokens"] = time.perf_counter() - t0, tokens_seen
-            save_checkpoint(run_dir, step, model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                   "scaler": scaler.state_dict(), "loop": dict(state)}, config_yaml)
-            best = run_dir / f"checkpoint-{state['best_step']:06d}" if state["best_step"] else None
-            prune_checkpoints(run_dir, tc.keep_last, keep=best)
+            _save(run_dir, step, model, optimizer, scheduler, scaler, state, config_yaml, tc, ctx)
         if stopped:
             break
     bar.close()
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
-        save_adapter(model, run_dir / "adapter", overwrite=True)
-    peaks = peak_memory(device)
+        _save_adapter(model, run_dir / "adapter", ctx)
+    local = peak_memory(device)
+    peaks = {k: int(v) for k, v in zip(local, all_reduce(list(local.values()), ctx, "max"))}  # the busiest rank
     peak = peaks["peak_memory_bytes"]
-    metrics.write({"step": state["step"], "event": "end", "reason": reason, **peaks,
+    metrics.write({"step": state["step"], "event": "end", "reason": reason, **peaks, "world_size": ctx.world_size,
                    "seconds": elapsed, "best_val_loss": state["best_val"], "best_step": state["best_step"]})
     metrics.close()
     samples.close()
-    plot_loss_curve(run_dir)
+    if ctx.is_main:
+        plot_loss_curve(run_dir)
+    barrier(ctx)
     log.info("%s after %d steps in %.1f s; peak memory %.1f MiB", reason, state["step"], elapsed, peak / 2**20)
     return TrainResult(run_dir, state["step"], loss_value, state["best_val"], state["best_step"], stopped, reason,
                        tokens_seen / max(elapsed, 1e-9), elapsed, peak, peaks.get("peak_allocated_bytes"))
 
 
-def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step) -> bool:
-    """Evaluate, keep the best adapter, warn on overfitting; True when early stopping triggers."""
-    val_loss = evaluate(step_fn, val, device)
+def _restore(saved: dict, optimizer, scheduler, scaler, ctx: DistContext, metrics, samples, global_batch: int) -> dict:
+    """Optimizer, schedule, loss scale, loop state and this rank's RNG from a checkpoint (the adapter
+    is already loaded); the run files drop what was written after it."""
+    load_optimizer_state(optimizer, saved["optimizer"], ctx)
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    state = saved["loop"]
+    ranks = saved.get("rng_per_rank") or [saved["rng"]]
+    if len(ranks) != ctx.world_size:
+        log.info("resuming %d ranks from a checkpoint of %d: dropout's random streams start anew", ctx.world_size, len(ranks))
+    set_rng_state(ranks[ctx.rank % len(ranks)], ctx.device)
+    if state.get("global_batch", global_batch) != global_batch:
+        warnings.warn(f"resuming with a global batch of {global_batch} rows per step (micro_batch_size x grad_accum x "
+                      f"ranks) where the checkpoint had {state['global_batch']}: the data order and the loss scale of a "
+                      "step change from here on", stacklevel=3)
+        state["global_batch"] = global_batch
+    metrics.truncate_after(state["step"])
+    samples.truncate_after(state["step"])
+    return state
+
+
+def _save(run_dir, step, model, optimizer, scheduler, scaler, state, config_yaml, tc, ctx: DistContext) -> None:
+    """A checkpoint: the whole adapter and optimizer state gathered from every rank, each rank's RNG;
+    rank 0 writes it (atomically) and prunes old ones; everyone waits for it."""
+    adapter = adapter_state_dict(model)           # collective under FSDP2
+    optim = optimizer_state(optimizer, ctx)      # collective under FSDP2
+    rngs = gather_objects(rng_state(model_device(model)), ctx)
+    if ctx.is_main:
+        save_checkpoint(run_dir, step, model, {"optimizer": optim, "scheduler": scheduler.state_dict(),
+                                               "scaler": scaler.state_dict(), "loop": dict(state),
+                                               "rng_per_rank": rngs}, config_yaml, adapter=adapter)
+        best = run_dir / f"checkpoint-{state['best_step']:06d}" if state["best_step"] else None
+        prune_checkpoints(run_dir, tc.keep_last, keep=best)
+    barrier(ctx)
+
+
+def _save_adapter(model, path, ctx: DistContext) -> None:
+    tensors = adapter_state_dict(model)  # collective under FSDP2
+    if ctx.is_main:
+        save_adapter(model, path, overwrite=True, tensors=tensors)
+    barrier(ctx)
+
+
+def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step, ctx) -> bool:
+    """Evaluate, keep the best adapter, warn on overfitting; True when early stopping triggers (the
+    same on every rank: the validation loss is all-reduced)."""
+    val_loss = evaluate(step_fn, val, device, ctx)
     train_mean = sum(window) / max(len(window), 1)
     metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "train_loss_mean": train_mean})
     last = state["last_eval"]
-    if last is not None and val_loss > last[0] and train_mean < last[1]:
+    if last is not None and val_loss > last[0] and train_mean < last[1] and ctx.is_main:
         warnings.warn(f"step {step}: validation loss rose {last[0]:.4f} -> {val_loss:.4f} while training loss fell "
                       f"{last[1]:.4f} -> {train_mean:.4f}: the adapter is starting to overfit (consider fewer steps, "
                       f"a lower rank or lr, more dropout, or early stopping)", stacklevel=2)
     state["last_eval"] = (val_loss, train_mean)
     if state["best_val"] is None or val_loss < state["best_val"] - tc.early_stopping_min_delta:
         state["best_val"], state["best_step"], state["bad_evals"] = val_loss, step, 0
-        save_adapter(step_fn.model, run_dir / "best_adapter", overwrite=True)
+        _save_adapter(unwrap(step_fn).model, run_dir / "best_adapter", ctx)
         return False
     state["bad_evals"] += 1
     return bool(tc.early_stopping_patience) and state["bad_evals"] >= tc.early_stopping_patience
