@@ -206,7 +206,7 @@ def stream_merge(model_path: str, adapter_path: str, out: str, dtype: Optional[t
     plan = MergePlan(folder, read_adapter_tensors(adapter_path), dtype)
     sharded = len(plan.files) > 1
     total = sum(len(h) for h in plan.headers.values())
-    with output_folder(out, "merge", overwrite, protect=protect) as tmp, _progress(total, progress) as bar:
+    with output_folder(out, "merge", overwrite, protect=protect) as tmp, progress_bar(total, progress) as bar:
         weight_map, total_size = {}, 0
         for i, file in enumerate(plan.files):
             name = file.name if sharded else "model.safetensors"
@@ -243,7 +243,7 @@ def _copy_side_files(folder: Path, out: Path, dtype: Optional[torch.dtype]) -> N
             shutil.copyfile(src, out / name)
 
 
-class _progress:
+class progress_bar:
     """tqdm over tensors (plain lines when not a terminal); a no-op with progress=False."""
 
     def __init__(self, total: int, enabled: bool, desc: str = "merge"):
