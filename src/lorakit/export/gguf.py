@@ -119,8 +119,8 @@ def export_gguf(model_path: str, out: str, quant: str = "q8_0", adapter_path: Op
     folder = resolve_model_path(model_path)
     target = Path(out).expanduser()
     for src, what in ((folder, "the base model's folder (--model)"), (adapter_path, "the adapter folder (--adapter)")):
-        if src is not None and Path(src).expanduser().resolve() in (target.resolve(), *target.resolve().parents):
-            raise ExportError(f"{target} is inside {what}; lorakit never writes its output over its inputs")
+        if src is not None and Path(src).expanduser().resolve() == target.resolve():
+            raise ExportError(f"{target} is {what}; lorakit never writes its output over its inputs")
     check_output_file(target, "GGUF export", overwrite, is_lorakit_gguf)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     arch = architecture(config)
