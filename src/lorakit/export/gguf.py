@@ -183,6 +183,7 @@ def _raw(qtype: str):
 def _writer(path: Path, arch: Arch, quant: str, name: str, adapter_path: Optional[str]):
     import gguf
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temporary file
     w = gguf.GGUFWriter(str(path), arch.name, use_temp_file=False)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)

@@ -257,18 +257,37 @@ _BLOCKS = {"Q4_K": _q4_k_blocks, "Q5_K": _q5_k_blocks, "Q6_K": _q6_k_blocks}
 
 
 @torch.no_grad()
-def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+def quantize(weight: torch.Tensor, qtype: str, workers: int | None = None) -> torch.Tensor:
     """`weight` [rows, cols] (any float dtype, cols % 256 == 0) -> uint8 [rows, cols / 256 * block
     bytes] in llama.cpp's `qtype` layout ("Q4_K", "Q5_K" or "Q6_K"), ready for GGUFWriter with
-    raw_dtype. Processed _CHUNK values at a time so the temporaries stay small."""
+    raw_dtype. Chunks of _CHUNK values (small temporaries) go to `workers` threads (default: torch's
+    thread count), each running single-threaded ops: on a busy machine torch's own intra-op
+    threads spin-wait on each other and the many small ops here ran 10-20x slower."""
     if qtype not in _BLOCKS:
         raise ValueError(f"K-quant type {qtype!r} is not one lorakit writes; choose one of {sorted(_BLOCKS)}")
     rows = weight.shape[0] if weight.ndim > 1 else 1
     blocks = _superblocks(weight)                                   # [B, 256]
     step = max(1, _CHUNK // QK_K)
     out = torch.empty(blocks.shape[0], BLOCK_BYTES[qtype], dtype=torch.uint8)
-    for i in range(0, blocks.shape[0], step):
+    starts = range(0, blocks.shape[0], step)
+
+    def run(i: int) -> None:
         out[i:i + step] = _BLOCKS[qtype](blocks[i:i + step])
+
+    workers = workers or torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers > 1 and len(starts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(starts))) as pool:
+                list(pool.map(run, starts))
+        else:
+            for i in starts:
+                run(i)
+    finally:
+        torch.set_num_threads(threads)
     return out.view(rows, -1)
 
 
