@@ -132,9 +132,10 @@ def export_gguf(model_path: str, out: str, quant: str = "q8_0", adapter_path: Op
     if n_vocab != config.vocab_size:
         raise ExportError(f"{folder}: config.json vocab_size={config.vocab_size} but the embedding has {n_vocab} rows")
     vocab = read_vocab(folder, n_vocab)
+    name = phi3_name(arch, vocab, name or folder.name)
     by_hf = {e.hf: e for e in entries}
     with atomic_file(target) as tmp:
-        w = _writer(tmp, arch, quant, name or folder.name, adapter_path)
+        w = _writer(tmp, arch, quant, name, adapter_path)
         extra = write_hparams(w, arch)
         vocab.write(w)
         for gname, t in extra:
@@ -163,6 +164,26 @@ def export_gguf(model_path: str, out: str, quant: str = "q8_0", adapter_path: Op
     for e in entries:
         types[e.qtype] = types.get(e.qtype, 0) + 1
     return ExportResult(target, time.perf_counter() - start, types, target.stat().st_size)
+
+
+PHI3_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def phi3_name(arch: Arch, vocab, name: str) -> str:
+    """llama.cpp has no GGUF field for "this special token eats the whitespace after it" (HF's
+    rstrip); it applies Phi-3's rule when general.name contains "phi3" / "phi-3" (llama-vocab.cpp)
+    and then looks up PHI3_TOKENS. So the name must say phi3 exactly when the tokenizer does that."""
+    says = any(k in name.lower() for k in ("phi3", "phi-3"))
+    if arch.name == "phi3" and vocab.rstrip_specials:
+        missing = [t for t in PHI3_TOKENS if t not in vocab.tokens]
+        if missing:
+            raise ExportError(f"the Phi-3 tokenizer lacks {missing}, which llama.cpp's Phi-3 rules look up")
+        return name if says else f"phi3-{name}"
+    if says:
+        log.warning("general.name %r would make llama.cpp apply Phi-3's special-token rule, which this "
+                    "tokenizer does not have; writing it as %r", name, name.lower().replace("phi-3", "phi 3").replace("phi3", "phi 3"))
+        return name.lower().replace("phi-3", "phi 3").replace("phi3", "phi 3")
+    return name
 
 
 def lorakit_version() -> str:

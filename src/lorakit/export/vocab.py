@@ -51,6 +51,7 @@ class Vocab:
     add_eos: bool = False
     add_space_prefix: Optional[bool] = None
     chat_template: Optional[object] = None
+    rstrip_specials: bool = False   # special added tokens eat the whitespace after them (Phi-3)
 
     def write(self, w) -> None:
         w.add_tokenizer_model(self.model)
@@ -97,6 +98,7 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     else:
         out = _bpe_vocab(spec, file, vocab, merges, added, n_vocab)
     _special_tokens(out, tok, n_vocab)
+    out.rstrip_specials = any(a.get("special") and a.get("rstrip") for a in added.values())
     return out
 
 
