@@ -63,8 +63,27 @@ class ExportResult:
     nbytes: int
 
 
+ENCODE_ROWS_VALUES = 1 << 24  # values converted at once: the fp32 temporaries stay ~64 MB on any tensor
+
+
 def encode(t: torch.Tensor, qtype: str) -> np.ndarray:
-    """One tensor in ggml type `qtype`: a float32/float16 array, or uint8 bytes [rows, row bytes]."""
+    """One tensor in ggml type `qtype`: a float32/float16 array, or uint8 bytes [rows, row bytes].
+    2-D tensors are converted a slice of rows at a time into the output array, so memory holds the
+    input, the output and one slice's fp32 copy, never a whole fp32 copy of a 600 MB embedding."""
+    if t.ndim < 2:
+        return _encode(t, qtype)
+    rows = max(1, ENCODE_ROWS_VALUES // max(1, t.shape[-1]))
+    if t.shape[0] <= rows:
+        return _encode(t, qtype)
+    first = _encode(t[:rows], qtype)
+    out = np.empty((t.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for i in range(rows, t.shape[0], rows):
+        out[i:i + rows] = _encode(t[i:i + rows], qtype)
+    return out
+
+
+def _encode(t: torch.Tensor, qtype: str) -> np.ndarray:
     import gguf
 
     if qtype == "F32":

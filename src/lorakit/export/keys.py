@@ -54,8 +54,15 @@ class Arch:
         return self.config.num_hidden_layers
 
 
+# model_type -> the causal-LM class, for a config.json without "architectures" (as AutoModelForCausalLM maps it)
+BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
 def architecture(config) -> Arch:
     archs = list(getattr(config, "architectures", None) or [])
+    if not archs and getattr(config, "model_type", None) in BY_MODEL_TYPE:
+        archs = [BY_MODEL_TYPE[config.model_type]]
     if not archs or archs[0] not in ARCHITECTURES:
         raise ExportError(f"config.json architectures={archs}: lorakit exports GGUF for "
                           f"{', '.join(ARCHITECTURES)} only")
