@@ -123,8 +123,7 @@ def _conv1d_weights(folder: Path) -> tuple[set[str], bool, set[str]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     conv = {f"{n}.weight" for n, m in model.named_modules() if is_conv1d(m)}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or bool(
-        getattr(getattr(model.config, "get_text_config", lambda: None)(), "tie_word_embeddings", False))
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     heads = {f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()}
     return conv, tied, heads
 
@@ -189,6 +188,7 @@ class MergePlan:
             else:
                 t = t.to(dtype)
             yield name, t
+            del t  # the caller has written it: drop it before the next tensor is read
 
 
 def iter_merged_tensors(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
@@ -215,6 +215,7 @@ def stream_merge(model_path: str, adapter_path: str, out: str, dtype: Optional[t
             def each():
                 for _, t in plan.tensors(file):
                     yield t
+                    del t
                     bar.update(1)
                     release_freed_memory()  # the merge temporaries: back to the OS, not heap holes
 

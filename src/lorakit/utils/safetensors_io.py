@@ -67,6 +67,7 @@ def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tu
             if f.readinto(memoryview(buf.numpy())) != end - start:
                 raise ValueError(f"{path}: truncated data for tensor {name!r}")
             yield name, buf.view(dtype).reshape(info["shape"])
+            del buf  # else the previous tensor stays alive while the next one is read
 
 
 def safetensors_header(specs: Iterable[tuple[str, torch.dtype, tuple]], path: Path, metadata: dict | None = None) -> bytes:
@@ -97,6 +98,7 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tup
             if t.numel():
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             count += 1
+            del t  # before the producer makes the next one
         if count != len(specs):
             raise ValueError(f"{path}: {len(specs)} tensors announced, {count} written")
 
