@@ -196,7 +196,7 @@ def test_output_file_rules(tmp_path, monkeypatch):
     def dies(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(mod, "encode", dies)
+    monkeypatch.setattr(mod, "encode_chunks", dies)
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf(str(folder), str(ours), "q8_0", overwrite=True, progress=False)
     assert ours.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ours.gguf", "theirs.gguf"]

@@ -66,21 +66,42 @@ class ExportResult:
 ENCODE_ROWS_VALUES = 1 << 24  # values converted at once: the fp32 temporaries stay ~64 MB on any tensor
 
 
+def encode_chunks(t: torch.Tensor, qtype: str):
+    """One tensor in ggml type `qtype`, a slice of rows at a time (float32/float16 arrays, or uint8
+    bytes [rows, row bytes]): memory holds one slice's fp32 copy and encoding, never a whole fp32
+    copy or encoding of a 600 MB embedding."""
+    rows = max(1, ENCODE_ROWS_VALUES // max(1, t.shape[-1])) if t.ndim > 1 else max(1, t.shape[0])
+    for i in range(0, max(1, t.shape[0]), rows):
+        yield _encode(t[i:i + rows], qtype)
+
+
 def encode(t: torch.Tensor, qtype: str) -> np.ndarray:
-    """One tensor in ggml type `qtype`: a float32/float16 array, or uint8 bytes [rows, row bytes].
-    2-D tensors are converted a slice of rows at a time into the output array, so memory holds the
-    input, the output and one slice's fp32 copy, never a whole fp32 copy of a 600 MB embedding."""
-    if t.ndim < 2:
-        return _encode(t, qtype)
-    rows = max(1, ENCODE_ROWS_VALUES // max(1, t.shape[-1]))
-    if t.shape[0] <= rows:
-        return _encode(t, qtype)
-    first = _encode(t[:rows], qtype)
-    out = np.empty((t.shape[0], *first.shape[1:]), dtype=first.dtype)
-    out[:rows] = first
-    for i in range(rows, t.shape[0], rows):
-        out[i:i + rows] = _encode(t[i:i + rows], qtype)
-    return out
+    """The whole tensor encoded (small tensors, LoRA files): the slices of encode_chunks joined."""
+    parts = list(encode_chunks(t, qtype))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def write_tensor_chunks(w, chunks) -> None:
+    """GGUFWriter.write_tensor_data for a tensor that arrives in slices: the next announced tensor's
+    bytes, padded to the data alignment as the writer does (gguf-py 0.19 gguf_writer.py), written
+    slice by slice so the whole encoding never exists at once."""
+    from gguf.gguf_writer import WriterState
+
+    if w.state not in (WriterState.TI_DATA, WriterState.WEIGHTS) or w.fout is None or len(w.fout) != 1:
+        raise ValueError(f"GGUF writer in state {w.state}: tensor infos must be written first (one file)")
+    fout = w.fout[0]
+    name = next(iter(w.tensors[0]))
+    info = w.tensors[0].pop(name)
+    w.write_padding(fout, fout.tell())
+    written = 0
+    for part in chunks:
+        part = np.ascontiguousarray(part)
+        part.tofile(fout)
+        written += part.nbytes
+    if written != info.nbytes:
+        raise ValueError(f"{name}: {written} bytes written, {info.nbytes} announced")
+    w.write_padding(fout, written)
+    w.state = WriterState.WEIGHTS
 
 
 def _encode(t: torch.Tensor, qtype: str) -> np.ndarray:
@@ -172,10 +193,9 @@ def export_gguf(model_path: str, out: str, quant: str = "q8_0", adapter_path: Op
                 e = by_hf.get(hf)
                 if e is None:
                     continue
-                data = encode(transform(arch, hf, t), e.qtype)
+                t = transform(arch, hf, t)
+                write_tensor_chunks(w, encode_chunks(t, e.qtype))
                 del t
-                w.write_tensor_data(data)
-                del data
                 bar.update(1)
                 release_freed_memory()
         w.close()
