@@ -92,7 +92,10 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tup
     with open(path, "wb") as f:
         f.write(safetensors_header(specs, path, metadata))
         count = 0
-        for (name, dtype, shape), t in zip(specs, tensors):
+        for t in tensors:  # not zip(): its reused result tuple would keep the previous tensor alive
+            if count == len(specs):
+                raise ValueError(f"{path}: more tensors than the {len(specs)} announced")
+            name, dtype, shape = specs[count]
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, its header says {dtype} {tuple(shape)}")
             if t.numel():
