@@ -1,7 +1,27 @@
-"""Shared fixtures (model builders live in tiny_models.py, importable from any test)."""
+"""Shared fixtures (model builders live in tiny_models.py, importable from any test), the `gpu`
+marker's skip, and Triton's interpreter on machines without CUDA."""
+
+import os
 
 import pytest
 import torch
+
+# Without a CUDA device the Triton kernels (quant/kernels/triton_4bit.py) are tested on CPU tensors
+# through Triton's interpreter, which triton.jit chooses when TRITON_INTERPRET=1 at the moment a
+# kernel is defined (lorakit defines them lazily, on first use; only tests let CPU tensors in:
+# tests/quant/test_triton_kernels.py). Nothing else in lorakit uses Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 from tiny_models import ARCHS, TINY
 

@@ -34,6 +34,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 DATA_FORMATS = ("auto", "dolly", "alpaca", "chat", "prompt_completion", "text")
+TEMPLATES = ("auto", "chat", "alpaca", "alpaca_short")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,12 @@ class DataConfig:
     """Training data: a .jsonl/.json/.csv/.parquet file, or a Hugging Face dataset id when online."""
     format: str = "auto"
     """Row format: auto (detected from the fields), dolly, alpaca, chat, prompt_completion or text."""
-    template: str = "alpaca"
-    """Prompt template of dolly/alpaca rows: "alpaca" (with its one-sentence preamble) or "alpaca_short" (without)."""
+    template: str = "auto"
+    """How dolly, alpaca and prompt_completion rows become text: "chat" (the instruction as a user turn,
+    the answer as the assistant turn, through the tokenizer's own chat template), "alpaca" (the Alpaca
+    prompt with its one-sentence preamble), "alpaca_short" (without it), or "auto": chat when the
+    tokenizer has a chat template (an instruct model), else alpaca. generate, chat and eval read the
+    template a run used from its run_config.yaml beside the adapter."""
     val_path: Optional[str] = None
     """A separate validation file; if unset, val_size rows are held out from `path`."""
     val_size: float = 0.1
@@ -158,7 +164,7 @@ class DataConfig:
 
     def __post_init__(self):
         _allowed("data.format", self.format, DATA_FORMATS)
-        _allowed("data.template", self.template, ("alpaca", "alpaca_short"))
+        _allowed("data.template", self.template, TEMPLATES)
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len!r} is not allowed; use an integer >= 8")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
@@ -211,6 +217,18 @@ class TrainConfig:
     micro_batch_size * grad_accum (the effective batch) by raising grad_accum."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so fp32 logits never exist for the whole batch."""
+    sample_every: int = 1
+    """Write sample answers to samples.jsonl at every Nth evaluation (1: each one; 0: never): the
+    adapter answers num_samples fixed validation prompts, greedy, shown in report.html beside the
+    expected answers."""
+    num_samples: int = 3
+    """Validation prompts answered at each sampling evaluation."""
+    sample_max_new_tokens: int = 48
+    """Most tokens of each sample answer."""
+    report_to: Union[str, tuple[str, ...]] = ()
+    """Mirror metrics and the config to experiment trackers: any of "tensorboard" (event files in the
+    run folder's tensorboard/), "wandb", "mlflow", "trackio" (each library is needed only when named);
+    empty or "none": metrics.jsonl only."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
 
@@ -218,10 +236,16 @@ class TrainConfig:
         _allowed("train.schedule", self.schedule, SCHEDULES)
         _allowed("train.optimizer", self.optimizer, OPTIMIZERS)
         _allowed("train.precision", self.precision, PRECISIONS)
-        for name in ("micro_batch_size", "grad_accum", "loss_chunk_size", "log_every"):
+        for name in ("micro_batch_size", "grad_accum", "loss_chunk_size", "log_every", "sample_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 1")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_last", "early_stopping_patience", "max_bad_steps"):
+        if isinstance(self.report_to, (list, str)):
+            names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+            object.__setattr__(self, "report_to", tuple(n for n in names if n != "none"))
+        for name in self.report_to:
+            _allowed("train.report_to", name, TRACKERS + ("none",))
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_last", "early_stopping_patience",
+                     "max_bad_steps", "sample_every", "num_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 0")
         if self.lr <= 0:

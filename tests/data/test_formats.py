@@ -138,3 +138,35 @@ def test_non_incremental_template_is_an_error(tokenizers_by_kind):
     tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(DataError, match="does not render a conversation incrementally"):
         render({"messages": CHAT}, "chat", tok)
+
+
+def test_instruction_rows_through_the_models_chat_template():
+    from lorakit.data.formats import render, resolve_template
+    from lorakit.recipes.generate import prompt_and_answer
+
+    from tiny_tokenizers import make_tokenizer
+
+    chat_tok, plain_tok = make_tokenizer("chatml"), make_tokenizer("plain")
+    row = {"instruction": "Name a cat.", "context": "Pets", "response": "Tom"}
+    segments = render(row, "dolly", chat_tok, "chat")
+    text = "".join(t for t, _ in segments)
+    want = chat_tok.apply_chat_template([{"role": "user", "content": "Name a cat.\n\nPets"},
+                                         {"role": "assistant", "content": "Tom"}], tokenize=False)
+    assert want.startswith(text) and [t for t, sup in segments if sup] == ["Tom", "<|im_end|>"]
+    assert resolve_template("auto", chat_tok) == "chat" and resolve_template("auto", plain_tok) == "alpaca"
+    assert render(row, "dolly", chat_tok, "auto") == segments  # auto: the model's own template
+    assert render(row, "dolly", plain_tok, "auto") == render(row, "dolly", plain_tok, "alpaca")
+    prompt, answer = prompt_and_answer(row, "dolly", chat_tok, "auto")
+    assert answer == "Tom" and prompt.endswith("<|im_start|>assistant\n")
+    pc = render({"prompt": "2+2=", "completion": "4"}, "prompt_completion", chat_tok, "chat")
+    assert [t for t, sup in pc if sup][0] == "4"
+
+
+def test_generate_and_eval_use_the_template_the_adapter_was_trained_with(tmp_path):
+    from lorakit.recipes.generate import trained_template
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run_config.yaml").write_text("data:\n  template: alpaca_short\n")
+    assert trained_template(str(run / "adapter"), "raw") == "alpaca_short"
+    assert trained_template(str(tmp_path / "elsewhere"), "raw") == "raw" and trained_template(None, "auto") == "auto"

@@ -272,3 +272,22 @@ def test_fit_offers_checkpointing_without_replay_when_replay_does_not_fit():
     assert no_replay and "gradient checkpointing without replay" in no_replay[0].changes
     assert not any(o.settings.grad_ckpt and o.settings.ckpt_replay and o.settings.seq_len == 4096
                    and o.settings.optimizer == "adamw_torch" for o in options)
+
+
+def test_dequant_transient_asks_the_kernel_registry(monkeypatch):
+    """The widest 4-bit weight's rebuild costs what the kernel that will run it allocates: the
+    output alone with a fast kernel (C on the CPU, Triton on CUDA), the reference's peak otherwise."""
+    from lorakit.memory.activations import dequant_bytes_per_weight
+    from lorakit.quant import kernels
+    from lorakit.quant.kernels import gpu
+
+    cuda, cpu = Settings(device="cuda", dtype="bf16"), Settings(device="cpu", dtype="bf16")
+    monkeypatch.setattr(gpu, "available", lambda: True)
+    assert dequant_bytes_per_weight(cuda) == 2
+    monkeypatch.setattr(gpu, "available", lambda: False)  # no Triton: the reference, one pass
+    assert dequant_bytes_per_weight(cuda) == 6
+    kernels.set_backend("reference")
+    try:
+        assert dequant_bytes_per_weight(cpu) == 2  # the CPU reference works in cache-sized chunks
+    finally:
+        kernels.set_backend(None)

@@ -1,4 +1,5 @@
-"""Fast 4-bit kernels (lorakit.quant.kernels) against the plain-PyTorch reference: bit for bit."""
+"""Fast CPU 4-bit kernels (lorakit.quant.kernels) against the plain-PyTorch reference: bit for bit.
+The Triton (CUDA) kernels have their own file, test_triton_kernels.py."""
 
 import warnings
 
@@ -31,6 +32,10 @@ def _weights(shape, dtype, seed=0):
     return w.to(dtype)
 
 
+def _cpu_kernels(op):
+    return [k.name for k in kernels.kernels(op) if "cpu" in k.devices]
+
+
 @pytest.fixture(autouse=True)
 def _auto_backend():
     kernels.set_backend(None)
@@ -38,7 +43,7 @@ def _auto_backend():
     kernels.set_backend(None)
 
 
-@pytest.mark.parametrize("name", [k.name for k in kernels.kernels("dequantize_4bit")])
+@pytest.mark.parametrize("name", _cpu_kernels("dequantize_4bit"))
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape,blocksize", [((96, 130), 64), ((40, 96), 32), ((3, 1000), 128), ((2, 4100), 4096)])
@@ -56,7 +61,7 @@ def test_dequantize_bit_exact(name, quant_type, double_quant, shape, blocksize):
             assert torch.equal(_bits(out), _bits(ref)), (src_dtype, dtype)
 
 
-@pytest.mark.parametrize("name", [k.name for k in kernels.kernels("quantize_4bit")])
+@pytest.mark.parametrize("name", _cpu_kernels("quantize_4bit"))
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape,blocksize", [((96, 130), 64), ((7, 9), 64), ((1, 33 * 64 + 3), 32), ((2, 4100), 4096)])
@@ -196,3 +201,14 @@ def test_registry_rejects_bad_names():
         kernels.register("dequantize_4bit", "c-cpu", lambda: None)
     with pytest.raises(ValueError, match="must be one of \\('auto', 'reference'\\)"):
         kernels.set_backend("triton")
+
+
+def test_missing_compiler_warning_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "_state", {})
+    real = cpu.install_hint
+    monkeypatch.setattr(cpu, "install_hint", lambda: real("Linux"))
+    with pytest.warns(RuntimeWarning, match=r"sudo apt-get install gcc \(Debian/Ubuntu\)"):
+        cpu.load()
+    assert "xcode-select --install" in real("Darwin")
+    assert "WSL2" in real("Windows")

@@ -159,3 +159,54 @@ def test_stacked_layers_share_scratch_buffer_correctly():
     (h1 * g).sum().backward()
     (h2 * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def _spy_dispatch(monkeypatch):
+    from lorakit.quant import kernels
+
+    calls = []
+    real = kernels.dispatch
+    monkeypatch.setattr(kernels, "dispatch", lambda op, *a, **k: calls.append(op) or real(op, *a, **k))
+    return calls
+
+
+def test_cpu_forward_never_asks_for_the_fused_matvec(monkeypatch):
+    """On the CPU a Linear4bit always dequantizes into its scratch buffer and multiplies (the C
+    kernel path is unchanged); the fused 4-bit matrix-vector kernel is for GPUs."""
+    from lorakit.quant import linear4bit
+
+    calls = _spy_dispatch(monkeypatch)
+    _, q = _layer(compute_dtype=torch.bfloat16)
+    q(torch.randn(1, 96))
+    assert "gemv_4bit" not in calls and calls.count("dequantize_4bit") == 1
+    assert linear4bit._scratch.buffers  # the CPU scratch was used
+
+
+@pytest.mark.gpu
+def test_cuda_forward_backward_on_a_side_stream_without_cpu_scratch(monkeypatch):
+    """On CUDA the dequantized weight comes from the caching allocator (stream-ordered), never from
+    the thread-local CPU scratch; few rows take the fused matrix-vector kernel, many rows dequantize;
+    results match the CPU layer, also when forward and backward run on a non-default stream."""
+    from lorakit.quant import linear4bit
+
+    linear4bit.release_scratch()
+    calls = _spy_dispatch(monkeypatch)
+    lin, cpu_layer = _layer(compute_dtype=torch.bfloat16, out=128, inp=256)
+    layer = Linear4bit.from_linear(lin.cuda(), blocksize=64, compute_dtype=torch.bfloat16)
+    assert torch.equal(layer.weight_packed.cpu(), cpu_layer.weight_packed)
+    stream = torch.cuda.Stream()
+    for rows in (2, 64):
+        x = torch.randn(rows, 256)
+        xc = x.clone().requires_grad_(True)
+        yc = cpu_layer(xc)
+        yc.float().sum().backward()
+        calls.clear()
+        xg = x.cuda().requires_grad_(True)
+        with torch.cuda.stream(stream):
+            y = layer(xg)
+            y.float().sum().backward()
+        torch.cuda.synchronize()
+        assert calls.count("dequantize_4bit") == (1 if rows <= 16 else 2)  # fused forward: only backward dequantizes
+        torch.testing.assert_close(y.float().cpu(), yc.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=2e-2, atol=2e-2)
+    assert not any(device.type == "cuda" for _, device in linear4bit._scratch.buffers)

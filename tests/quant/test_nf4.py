@@ -109,3 +109,68 @@ def test_bad_arguments(kwargs, match):
 def test_rejects_integer_tensor():
     with pytest.raises(ValueError, match="dtype must be one of"):
         quantize_4bit(torch.ones(64, dtype=torch.int32))
+
+
+def _dequantize_direct(packed, state, dtype=None):
+    """The original formulation of the reference, kept as its oracle: unpack both nibbles to int64
+    indices, gather the code values, zero-pad to whole blocks, multiply by the block absmax in fp32,
+    slice, cast."""
+    from lorakit.quant.nf4 import block_absmax, unpack_nibbles
+
+    n = state.numel
+    absmax = block_absmax(state)
+    values = state.code.float()[unpack_nibbles(packed, n)]
+    values = torch.nn.functional.pad(values, (0, absmax.numel() * state.blocksize - n))
+    out = values.view(absmax.numel(), state.blocksize) * absmax[:, None]
+    return out.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape,blocksize", [((96, 130), 64), ((3, 67), 64), ((1, 33 * 64 + 3), 32),
+                                             ((2, 4100), 4096), ((300, 1100), 128), ((7,), 256)])
+def test_reference_dequantize_equals_direct_formulation(quant_type, double_quant, shape, blocksize, monkeypatch):
+    """dequantize_4bit_reference (byte table, chunked, torch.mul into the output dtype) gives the bits
+    of the direct formulation, for every output dtype, odd sizes, partial blocks, several chunks
+    (the chunk is shrunk so that (300, 1100) takes several), and with out= (a reused buffer)."""
+    from lorakit.quant import nf4
+
+    monkeypatch.setattr(nf4, "DEQUANT_CHUNK_WEIGHTS", 4096)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g) * 0.05
+    w.view(-1)[:blocksize] = 0.0  # an all-zero block
+    w.view(-1)[-5:] *= 1e4  # large values in the last block (fp16 overflows to inf in both)
+    bits = {2: torch.int16, 4: torch.int32}
+    for src in (torch.float32, torch.bfloat16, torch.float16):
+        packed, state = nf4.quantize_4bit_reference(w.to(src), quant_type, blocksize, double_quant)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, None):
+            want = _dequantize_direct(packed, state, dtype)
+            got = nf4.dequantize_4bit_reference(packed, state, dtype)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            view = bits[want.element_size()]
+            assert torch.equal(got.view(view), want.view(view)), (src, dtype)
+            buf = torch.full((state.numel,), float("nan"), dtype=want.dtype)
+            into = nf4.dequantize_4bit_reference(packed, state, dtype, out=buf)
+            assert into.data_ptr() == buf.data_ptr() and torch.equal(into.view(view), want.view(view))
+
+
+def test_reference_dequantize_rounds_once_on_ties():
+    """fp32 products that lie exactly halfway between two bf16 / fp16 values round to even, as
+    .to(dtype) does (torch.mul(..., out=) must round once, not truncate): a code table of exact ties
+    for each target dtype, absmax 1 and 2 (products stay ties)."""
+    from lorakit.quant import nf4
+    from lorakit.quant.state import QuantState
+
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 16, (4096,), generator=g)
+    packed = ((idx[0::2] << 4) | idx[1::2]).to(torch.uint8)[:, None]
+    absmax = torch.tensor([1.0, 2.0]).repeat(32)  # [64 blocks]
+    mantissa = torch.randint(0, 2**7, (16,), generator=g, dtype=torch.int32)
+    ties = {torch.bfloat16: ((127 - 3) << 23) | (mantissa << 16) | 0x8000,  # halfway between bf16 values
+            torch.float16: ((127 - 3) << 23) | (mantissa << 13) | 0x1000}   # halfway between fp16 values
+    for dtype, bits in ties.items():
+        code = torch.where(torch.arange(16) % 2 == 0, bits.view(torch.float32), -bits.view(torch.float32))
+        state = QuantState(torch.Size([4096]), torch.float32, 64, "nf4", absmax, code)
+        want = (code[idx].view(64, 64) * absmax[:, None]).reshape(-1).to(dtype)
+        got = nf4.dequantize_4bit_reference(packed, state, dtype)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), dtype

@@ -207,7 +207,7 @@ def summary(name, r, best, params, gap=0.1, rise=0.0, final_train=1.0) -> RunSum
                       best_step=10 if best is not None else None, final_train_loss=final_train,
                       final_val_loss=None if best is None else best + rise, overfit_gap=gap,
                       val_rise=None if best is None else rise, seconds=1.0, tokens_per_s=1.0,
-                      peak_memory_bytes=1, predicted_peak_bytes=None, trainable_params=params, adapter_bytes=1,
+                      peak_memory_bytes=1, predicted_peak_bytes=None, memory_figure="peak RSS", trainable_params=params, adapter_bytes=1,
                       reason="completed", r=r, alpha=2.0 * r, lr=1e-3, quantization=None)
 
 

@@ -77,3 +77,38 @@ def test_fused_head_rejects_labels_outside_the_vocabulary():
     h = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(ValueError, match=r"label 10 is outside the model's vocabulary \[0, 10\)"):
         loss_mod.LinearCrossEntropySum.apply(h, weight, torch.tensor([1, 10]), True)
+
+
+def test_block_sizes_per_device_and_the_planner_agrees():
+    """The CPU keeps its cache-sized blocks; other devices get the larger GPU blocks, and
+    transient_bytes (the planner's number) follows the device's blocks."""
+    assert loss_mod.head_blocks("cpu") == (loss_mod.HEAD_ROWS, loss_mod.HEAD_COLS) == (256, 8192)
+    assert loss_mod.head_blocks("cuda") == (loss_mod.GPU_HEAD_ROWS, loss_mod.GPU_HEAD_COLS)
+    rows, hidden, vocab = 4096, 64, 128_256
+    cpu = loss_mod.transient_bytes(rows, hidden, vocab, 2, True, 1024)
+    gpu = loss_mod.transient_bytes(rows, hidden, vocab, 2, True, 1024, device="cuda")
+    r, c = loss_mod.head_blocks("cuda")
+    assert gpu - cpu == (r * c - 256 * 8192) * 6 + (r - 256) * hidden * 6
+    assert loss_mod.transient_bytes(10, hidden, vocab, 2, False, 1024, device="cuda") == \
+        loss_mod.transient_bytes(10, hidden, vocab, 2, False, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_on_cuda_with_gpu_blocks_matches_dense_cross_entropy(dtype):
+    """On CUDA with its own (larger) blocks: several row blocks and vocabulary slices, the last of
+    each ragged; loss and gradient against a dense fp32 log-softmax of the same logits."""
+    torch.manual_seed(0)
+    r, c = loss_mod.head_blocks("cuda")
+    n, hidden, vocab = r + 37, 64, 2 * c + 123
+    weight = (torch.randn(vocab, hidden, device="cuda") * 0.05).to(dtype)
+    h = torch.randn(n, hidden, device="cuda").to(dtype).requires_grad_(True)
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True)
+    (g_fused,) = torch.autograd.grad(fused, h)
+    hr = h.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy((hr.to(dtype) @ weight.t()).float(), y, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, hr)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol * n)
+    torch.testing.assert_close(g_fused.float(), g_ref, rtol=tol, atol=tol)

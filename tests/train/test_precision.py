@@ -83,3 +83,25 @@ def test_packed_and_unpacked_validation_loss_agree():
     plain = evaluate(TrainStep(model), Batches(examples, 3, 0, 0, shuffle=False), torch.device("cpu"))
     packed = evaluate(TrainStep(model), Batches(examples, 2, 0, 0, pack=True, max_seq_len=32, shuffle=False), torch.device("cpu"))
     assert abs(plain - packed) < 1e-5
+
+
+def test_fp16_loss_scale_overflows_are_skipped_updates_not_divergence(tmp_path, monkeypatch, caplog):
+    """A too-large loss scale overflows fp16 gradients while the loss is finite: the scaler skips the
+    update and halves the scale; those steps neither count as non-finite steps nor stop the run."""
+    import logging
+
+    from lorakit.train import loop as loop_mod
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(loop_mod.torch.amp, "GradScaler", lambda *a, **k: real(*a, **{**k, "init_scale": 2.0**30}))
+    caplog.set_level(logging.INFO, logger="lorakit")
+    model = tiny_model("llama", dtype=torch.float16, initializer_range=0.2)
+    lorakit.add_lora(model, LoraConfig(r=8, alpha=16))
+    cfg = RunConfig(data=DataConfig(max_seq_len=64), train=TrainConfig(
+        output_dir=str(tmp_path), micro_batch_size=4, lr=1e-2, max_steps=30, eval_every=0, save_every=0,
+        max_bad_steps=2, schedule="constant"))
+    result = train(model, make_examples(4, seed=3), [], cfg, pad_id=0, progress=False)
+    overflows = [r for r in caplog.records if "fp16 gradient overflow" in r.getMessage()]
+    assert result.stopped_reason == "completed" and result.steps == 30
+    assert len(overflows) >= 3  # more than max_bad_steps in a row, and the run went on
+    assert math.isfinite(result.final_train_loss)

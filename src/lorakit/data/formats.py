@@ -15,6 +15,8 @@ All prompt templates live in this file (PROMPT_TEMPLATE, CHATML).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .sources import DataError
 
 # (required fields, optional fields) per format. Detection tries them in this order: the first
@@ -77,6 +79,26 @@ def detect_format(records: list[dict], source: str = "") -> str:
     )
 
 
+TEMPLATES = ("auto", "chat", *PROMPT_TEMPLATES)
+
+
+def resolve_template(template: str, tokenizer=None) -> str:
+    """data.template "auto": "chat" when the tokenizer has a chat template (an instruct model), else
+    "alpaca"; any other name as it is (checked)."""
+    if template not in TEMPLATES:
+        raise DataError(f"data.template={template!r} is not allowed; choose one of {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    return template
+
+
+def instruction_messages(instruction: str, context: str, response: Optional[str] = None) -> list[dict]:
+    """A dolly / alpaca / prompt_completion row as chat turns: the instruction (and its context or
+    input, after a blank line) as the user's turn, the answer as the assistant's."""
+    user = instruction + (f"\n\n{context}" if context else "")
+    return [{"role": "user", "content": user}] + ([] if response is None else [{"role": "assistant", "content": response}])
+
+
 def format_prompt(instruction: str, context: str = "", template: str = "alpaca") -> str:
     """The Alpaca-style prompt up to and including '### Response:\\n'."""
     if template not in PROMPT_TEMPLATES:
@@ -104,8 +126,9 @@ def _field(record: dict, name: str, fmt: str, optional: bool = False) -> str:
 
 
 def render(record: dict, fmt: str, tokenizer=None, template: str = "alpaca") -> Segments:
-    """One row as (text, supervised) segments. `tokenizer` is only used by the chat format,
-    `template` (a PROMPT_TEMPLATES name) only by dolly and alpaca."""
+    """One row as (text, supervised) segments. `tokenizer` is used by the chat format and the chat
+    template, `template` (data.template) by dolly, alpaca and prompt_completion: "chat" renders them
+    as one user and one assistant turn through the tokenizer's chat template (ChatML without one)."""
     if fmt not in FORMAT_FIELDS:
         raise DataError(f"data.format={fmt!r} is not allowed; choose one of {', '.join(FORMATS)}")
     if not isinstance(record, dict):
@@ -114,13 +137,20 @@ def render(record: dict, fmt: str, tokenizer=None, template: str = "alpaca") -> 
         return render_chat(_messages(record), tokenizer)
     if fmt == "text":
         return [(_field(record, "text", fmt), True)]
+    template = resolve_template(template, tokenizer)
     if fmt == "prompt_completion":
-        return [(_field(record, "prompt", fmt), False), (_field(record, "completion", fmt), True)]
+        prompt, completion = _field(record, "prompt", fmt), _field(record, "completion", fmt)
+        if template == "chat":
+            return render_chat(instruction_messages(prompt, "", completion), tokenizer)
+        return [(prompt, False), (completion, True)]
     response_field = "response" if fmt == "dolly" else "output"
     input_field = "context" if fmt == "dolly" else "input"
     instruction = _field(record, "instruction", fmt)
     response = _field(record, response_field, fmt)
-    prompt = format_prompt(instruction, _field(record, input_field, fmt, optional=True), template)
+    context = _field(record, input_field, fmt, optional=True)
+    if template == "chat":
+        return render_chat(instruction_messages(instruction, context, response), tokenizer)
+    prompt = format_prompt(instruction, context, template)
     return [(prompt, False), (response, True)]
 
 

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 from .shapes import ModelShape
 
-# quant/nf4.dequantize_4bit_reference at its peak holds the int64 nibble indices (8 B) and the fp32
-# values (4 B) of every weight of the layer it rebuilds; the weight in bc follows once those are freed.
-DEQUANT_REFERENCE_BYTES_PER_WEIGHT = 12
 # quant/dynamic.py _LUT_SIZE (65536 grid points, bitsandbytes' kLUTSize) int64 indices.
 LOOKUP_TABLE_BYTES = 65536 * 8
 
@@ -53,18 +50,15 @@ def loss_saved_per_row(shape: ModelShape, s) -> int:
 
 
 def dequant_bytes_per_weight(s) -> int:
-    """Transient bytes per weight while a 4-bit weight is rebuilt: the registered fast kernel for the
-    device writes the compute-dtype weight directly; the PyTorch reference needs 12 B/weight."""
-    if s.device != "cpu":
-        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT  # quant/kernels has no CUDA kernel registered
-    try:
-        from ..quant import kernels
-        from ..quant.kernels import cpu
-    except ImportError:
-        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT
-    if kernels.backend() == "reference" or not kernels.kernels("dequantize_4bit") or cpu.load() is None:
-        return DEQUANT_REFERENCE_BYTES_PER_WEIGHT
-    return s.compute_bytes
+    """Transient bytes per weight while a 4-bit weight is rebuilt on `s.device`, asked of the kernel
+    registry: a registered fast kernel that can run here (C on the CPU, Triton on CUDA) writes the
+    compute-dtype weight directly; else the PyTorch reference's peak (quant/nf4.py)."""
+    from ..quant import kernels
+    from ..quant.nf4 import reference_dequant_bytes_per_weight
+
+    if kernels.fast_kernel("dequantize_4bit", s.device) is not None:
+        return s.compute_bytes
+    return reference_dequant_bytes_per_weight(s.device, s.compute_bytes)
 
 
 def lean(shape: ModelShape, s, part: str) -> bool:
@@ -184,7 +178,7 @@ def loss_buffer_bytes(shape: ModelShape, s) -> int:
 
     n_sup = s.batch_size * (s.seq_len - 1)
     return transient_bytes(n_sup, shape.hidden, shape.vocab, s.compute_bytes, fused_loss(shape, s),
-                           s.loss_chunk_size, bool(shape.logit_softcap))
+                           s.loss_chunk_size, bool(shape.logit_softcap), s.device)
 
 
 def workspace_bytes(shape: ModelShape, s, adapted, act: dict, loss: int) -> dict:

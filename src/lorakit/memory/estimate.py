@@ -80,6 +80,10 @@ class Settings:
     (model.lean_activations)."""
     fused_loss: bool = True
     """The fused head + cross-entropy of train/loss.py (off with model.fast_paths: false)."""
+    mmap_embeddings: bool = False
+    """CPU: the frozen input embedding is a copy-on-write map of its file (model.mmap_embeddings), so
+    it is not allocated and only the rows a batch looks up become resident (untied embeddings only:
+    a tied head reads every row)."""
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -193,7 +197,9 @@ def _weights(shape: ModelShape, s: Settings, adapted: list[list[bool]]) -> dict:
     bc, ab = s.compute_bytes, s.adapter_bytes
     h = shape.hidden
     head = 0 if shape.tied else shape.vocab * h
-    dense_other = shape.vocab * h + head + (shape.layers * shape.norms_per_layer + 1) * h  # embed, head, norms
+    mapped = s.mmap_embeddings and s.device == "cpu" and not shape.tied and s.method != "full"
+    embed = 0 if mapped else shape.vocab * h  # a mapped embedding is file pages, not allocated memory
+    dense_other = embed + head + (shape.layers * shape.norms_per_layer + 1) * h  # embed, head, norms
     rotary = 2 * (shape.head_dim // 2) * 4  # inv_freq + original_inv_freq buffers, fp32
     frozen = rotary
     if s.method == "full":  # fp32 master weights train; a compute-dtype copy runs forward/backward

@@ -184,12 +184,69 @@ def settings_for_run(cfg, model=None, precision=None, seq_len: Optional[int] = N
         fused_loss=m.fast_paths, optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size,
         device=device, attn_impl=attn, quant_type=m.quantization or "nf4", double_quant=m.double_quant,
         blocksize=m.blocksize, skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout),
-        adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype)
+        adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype, mmap_embeddings=m.mmap_embeddings)
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """A run's predicted peak, as figures of the same kind as what the loop measures (train/log.py
+    peak_memory), each named for exactly what it is.
+
+    CPU   process_bytes   the process without tensors (Python, torch, transformers, the model's code,
+                          tokenizer, data), measured just before training: its resident set minus
+                          the weights it holds
+          allocated_bytes the tensors at the peak of a step (the estimate's peak_allocated)
+          rss_bytes       process + tensors + the heap's overhead (CPU_HEAP_MARGIN of the step's
+                          transient bytes + CPU_RUNTIME_BYTES): compare with the measured peak RSS
+    CUDA  allocated_bytes compare with torch.cuda.max_memory_allocated
+          reserved_bytes  allocated + the caching allocator's fragmentation margin: compare with
+                          torch.cuda.max_memory_reserved (nvidia-smi shows that + the CUDA context)
+    """
+
+    device: str
+    allocated_bytes: int
+    reserved_bytes: Optional[int] = None
+    process_bytes: Optional[int] = None
+    rss_bytes: Optional[int] = None
+
+    @property
+    def headline(self) -> tuple[str, int]:
+        """(label, bytes) of the figure to show beside the measured headline peak."""
+        return ("peak RSS", self.rss_bytes) if self.device == "cpu" else ("peak reserved", self.reserved_bytes)
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "allocated_bytes": self.allocated_bytes, "reserved_bytes": self.reserved_bytes,
+                "process_bytes": self.process_bytes, "rss_bytes": self.rss_bytes}
+
+
+# glibc keeps freed chunks of a step's transient tensors mapped (10% of them), and the first training
+# step makes one-time allocations that are no tensors (oneDNN's primitive cache, autograd's engine,
+# OpenMP thread stacks): 48 MiB. Calibrated on the demo, the Qwen2.5-0.5B shape (QLoRA and LoRA, T=128)
+# and the CLI test's run; measured/predicted in docs/memory.md.
+CPU_HEAP_MARGIN = 0.10
+CPU_RUNTIME_BYTES = 48 * 2**20
+
+
+def predict_run_memory(cfg, model, precision=None, seq_len: Optional[int] = None,
+                       process_rss_bytes: Optional[int] = None) -> MemoryPrediction:
+    """The run's MemoryPrediction (class docstring); on CPU `process_rss_bytes` is the process's
+    resident set just before training (utils/memory.current_rss_bytes)."""
+    from .estimate import FRAGMENTATION_MARGIN
+
+    est = estimate(model, settings_for_run(cfg, model, precision, seq_len))
+    allocated = est.peak_allocated_bytes
+    if est.settings.device == "cuda":
+        return MemoryPrediction("cuda", allocated, reserved_bytes=int(allocated * (1 + FRAGMENTATION_MARGIN)))
+    held = est.components["frozen_weights"] + est.components["trainable_weights"]  # resident before training
+    process = max(0, (process_rss_bytes or 0) - held)
+    transient = allocated - held
+    return MemoryPrediction("cpu", allocated, process_bytes=process,
+                            rss_bytes=process + allocated + int(CPU_HEAP_MARGIN * transient) + CPU_RUNTIME_BYTES)
 
 
 def predict_for_run(cfg, model, precision=None, seq_len: Optional[int] = None) -> int:
     """Predicted peak allocated bytes of a training step of `cfg` on the loaded `model` (adapted or
     not), with rows of `seq_len` tokens (default: data.max_seq_len; pass the dataset's longest
-    tokenized row). Compare with torch.cuda.max_memory_allocated; on CPU the loop records peak RSS,
-    which also counts the Python process itself (~0.3-0.6 GiB)."""
+    tokenized row). Compare with torch.cuda.max_memory_allocated (predict_run_memory has the figures
+    to compare with peak RSS and max_memory_reserved)."""
     return estimate(model, settings_for_run(cfg, model, precision, seq_len)).peak_allocated_bytes

@@ -5,8 +5,15 @@
         target Linear weight -> quantize_4bit -> Linear4bit   (the fp16 copy is dropped at once)
         anything else        -> cast to the compute dtype and put in place
 
-So the full-precision model never exists in memory: the peak is the final model plus one tensor.
-Embeddings, norms and the output head (`skip_modules`) stay in the compute dtype.
+So the full-precision model never exists in memory: the peak is the final model plus one tensor
+(tests/model/test_load_memory.py measures it). Embeddings, norms and the output head
+(`skip_modules`) stay in the compute dtype.
+
+On CUDA each tensor is read into host memory (one at a time: the reader's buffer and the loop's
+reference are both dropped before the next read), copied to the GPU and, for a target weight,
+quantized there (quant/kernels' Triton kernel, else the reference) and dropped: host RAM holds one
+16-bit tensor (the largest is the embedding or head: 1 GB for Llama-3-8B), the GPU the 4-bit model
+plus one 16-bit weight and its quantization temporaries. The bytes equal a CPU load's.
 
 On CPU the frozen input embedding is not read at all (`mmap_embeddings`): it is a copy-on-write
 memory map of its bytes in the safetensors file, so only the pages of rows the model looks up
@@ -167,33 +174,36 @@ def _fill_from_checkpoint(model: nn.Module, folder: Path, targets: set[str], cfg
     mapped = frozenset(_input_embedding_names(model)) if cfg.mmap_embeddings and device.type == "cpu" else frozenset()
     for file in checkpoint_files(folder):
         for name, tensor in iter_safetensors(file, mapped):
-            if stored is not None and stored.accepts(name):  # already 4-bit: kept as stored
-                stored.add(model, name, tensor)
-                expected.discard(name.rpartition(".")[0] + ".weight")
-                continue
-            if name not in expected:
-                unexpected.append(name)
-                continue
-            expected.discard(name)
-            module_name, _, attr = name.rpartition(".")
-            if module_name in targets and attr == "weight":
-                old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
-                if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
-                    tensor = tensor.t()
-                layer = Linear4bit.from_weight(tensor.to(device), getattr(old, "bias", None), cfg.quantization,
-                                               cfg.blocksize, cfg.double_quant, dtype)
-                layer.replaces_conv1d = is_conv1d(old)  # merge writes a Conv1D back (lora/merge.py)
-                replace_module(model, module_name, layer)
-                del tensor, old
-                if device.type == "cpu":
-                    release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes
-                continue  # the 16-bit weight is dropped here
-            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-            module = model.get_submodule(module_name)
-            if isinstance(module, Linear4bit) and attr == "bias":
-                module.bias = nn.Parameter(value, requires_grad=False)  # bias stored after its weight
-            else:
-                _set_tensor(model, name, value)
+            try:
+                if stored is not None and stored.accepts(name):  # already 4-bit: kept as stored
+                    stored.add(model, name, tensor)
+                    expected.discard(name.rpartition(".")[0] + ".weight")
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                expected.discard(name)
+                module_name, _, attr = name.rpartition(".")
+                if module_name in targets and attr == "weight":
+                    old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
+                    if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]
+                        tensor = tensor.t()
+                    layer = Linear4bit.from_weight(tensor.to(device), getattr(old, "bias", None), cfg.quantization,
+                                                   cfg.blocksize, cfg.double_quant, dtype)
+                    layer.replaces_conv1d = is_conv1d(old)  # merge writes a Conv1D back (lora/merge.py)
+                    replace_module(model, module_name, layer)
+                    old = tensor = None  # the 16-bit weight is dropped here
+                    if device.type == "cpu":
+                        release_freed_memory()  # the layer's temporaries: back to the OS, not heap holes
+                    continue
+                value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                module = model.get_submodule(module_name)
+                if isinstance(module, Linear4bit) and attr == "bias":
+                    module.bias = nn.Parameter(value, requires_grad=False)  # bias stored after its weight
+                else:
+                    _set_tensor(model, name, value)
+            finally:
+                tensor = None  # before the reader allocates the next one: host RAM holds one tensor at a time
     if stored is not None:
         stored.finish(folder)
     _tie_head(model)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # bitsandbytes csrc/cpu_ops.cpp: kLUTSize = 65536 grid points over [-1, 1].
 _LUT_SIZE = 65536
@@ -80,23 +81,41 @@ def _check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
 
-_LUT_CACHE: dict[tuple[bytes, str], torch.Tensor] = {}
+# Two caches of the int64 [65536] tables below (512 KB each):
+#   by values: (the code's fp32 bytes, device) -> table; a lookup needs the code on the host
+#   by tensor: the code tensor object itself (weakly, by identity) -> (its _version, {device: table})
+# The second answers without reading the code's values, so a code living on a GPU (the 8-bit
+# optimizer's maps) costs no device-to-host copy and no sync per quantize_blockwise call: only the
+# first call with a given tensor reads it (code-review B.5). An in-place change of the code bumps
+# its _version and is noticed.
+_LUT_BY_VALUES: dict[tuple[bytes, str], torch.Tensor] = {}
+_LUT_BY_TENSOR = WeakIdKeyDictionary()
 
 
 def clear_lookup_tables() -> None:
     """Drop the cached lookup tables (built again on the next quantize call)."""
-    _LUT_CACHE.clear()
+    _LUT_BY_VALUES.clear()
+    _LUT_BY_TENSOR.clear()
 
 
-def _lookup_table(code: torch.Tensor) -> torch.Tensor:
-    """The table below for `code`, built once per (code values, device) and then reused (the
-    8-bit optimizer re-quantizes its state every step with the same two codes)."""
-    key = (code.detach().to("cpu", torch.float32).numpy().tobytes(), str(code.device))
-    table = _LUT_CACHE.get(key)
+def _lookup_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The table below for `code`, on `device`, built once per (code values, device) and then reused
+    (the 8-bit optimizer re-quantizes its state every step with the same two codes; double
+    quantization uses the signed map for every weight)."""
+    device = torch.device(device)
+    version, tables = _LUT_BY_TENSOR.get(code, (None, None))
+    if tables is not None and version == code._version and device in tables:
+        return tables[device]
+    key = (code.detach().to("cpu", torch.float32).numpy().tobytes(), str(device))  # reads the values once
+    table = _LUT_BY_VALUES.get(key)
     if table is None:
-        if len(_LUT_CACHE) > 16:
-            _LUT_CACHE.clear()
-        table = _LUT_CACHE[key] = _build_lookup_table(code).to(code.device)
+        if len(_LUT_BY_VALUES) > 16:
+            _LUT_BY_VALUES.clear()
+        table = _LUT_BY_VALUES[key] = _build_lookup_table(code).to(device)
+    if tables is None or version != code._version:
+        tables = {}
+        _LUT_BY_TENSOR[code] = (code._version, tables)
+    tables[device] = table
     return table
 
 
@@ -146,7 +165,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
     zero_block = absmax == 0
     inv = 1.0 / torch.where(zero_block, torch.ones_like(absmax), absmax)  # fp32 reciprocal
     normed = (blocks * inv[:, None]).clamp(-1.0, 1.0)  # [n_blocks, blocksize]
-    lut = _lookup_table(code).to(x.device)
+    lut = _lookup_table(code, x.device)  # [65536] int64 on x's device, cached
     idx = lut[_grid_index(normed)]  # [n_blocks, blocksize]
     idx = idx.masked_fill(zero_block[:, None], 0)
     codes = idx.to(torch.uint8).reshape(-1)[:n].reshape(x.shape)
@@ -166,7 +185,8 @@ def dequantize_blockwise(
     n_blocks = math.ceil(n / blocksize)
     if absmax.numel() != n_blocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{blocksize}) = {n_blocks}")
-    values = code.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1).long()]  # [n]
+    table = code.to(device=codes.device, dtype=torch.float32)  # [256]
+    values = table.index_select(0, codes.reshape(-1).to(torch.int32))  # [n]
     values = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n))  # [n_blocks * blocksize]
     out = values.view(n_blocks, blocksize) * absmax.float().view(n_blocks, 1)  # [n_blocks, blocksize]
     return out.reshape(-1)[:n].reshape(codes.shape).to(dtype)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import kernels
 from .nf4 import check_quant_args, dequantize_4bit, quantize_4bit, quantize_weight
 from .state import META_KEY, STATE_KEYS, QuantState
 
@@ -28,13 +29,14 @@ STATE_PREFIX = "weight_"  # buffer names: weight_packed, then STATE_PREFIX + eac
 
 
 class _Scratch(threading.local):
-    """One reusable buffer per (thread, dtype, device) for dequantized weights.
+    """One reusable buffer per (thread, dtype, device) for dequantized weights, for CPU tensors only.
 
     Every pass of every Linear4bit rebuilds a dense weight (forward, recompute, backward: ~3 per
     layer per step) and drops it right after one matmul. Fresh allocations of 0.2-9 MB each cost
     page faults and leave glibc heap holes that keep RSS up (bench/SPEED.md); one buffer sized for
     the largest layer avoids both. Safe because the weight never outlives the matmul that reads it
-    (it is not saved for backward) and each thread has its own buffer."""
+    (it is not saved for backward), each thread has its own buffer, and CPU ops run synchronously:
+    when the matmul returns, the buffer is free. That last reason does not hold on CUDA (see _dense)."""
 
     def __init__(self):
         self.buffers: dict = {}
@@ -55,18 +57,38 @@ def release_scratch() -> None:
 
 
 def _dense(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    """W = dequantize_4bit(packed, state) [out, in] in the thread's scratch buffer (CPU; fresh on
-    other devices, whose caching allocators already reuse memory)."""
+    """W = dequantize_4bit(packed, state) [out, in]: in the thread's scratch buffer on the CPU; a
+    fresh tensor from the caching allocator elsewhere.
+
+    Why not a reused buffer on CUDA: kernels are queued, so a buffer is free only once the matmul
+    reading it has *run*, on its stream. Backward runs on autograd's device thread, possibly on
+    another stream than forward (the stream each op of forward used); a per-thread buffer shared
+    between streams would need record_stream or events. The caching allocator already is that
+    buffer: a block freed after the matmul is reused by the next request of a similar size on the
+    same stream (stream-ordered, no sync, no cudaMalloc), so every layer's dequantize reuses one
+    block of the widest layer's size, and tensors used on another stream are not reused early."""
     if packed.device.type != "cpu":
         return dequantize_4bit(packed, state, dtype=dtype)
     return dequantize_4bit(packed, state, dtype=dtype, out=_scratch.get(state.numel, dtype, packed.device))
+
+
+def _matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x @ W^T [..., out]. Off the CPU, a few rows (decoding) go through the fused 4-bit
+    matrix-vector kernel when one accepts them ("gemv_4bit": W is decoded in registers, never
+    written: ~0.5 B of memory traffic per weight instead of ~4.5 B for dequantize + matmul)."""
+    if x.device.type != "cpu":
+        y = kernels.dispatch("gemv_4bit", x, packed, state)
+        if y is not None:
+            return y
+    weight = _dense(packed, state, x.dtype)  # [out, in], scratch: dead after this matmul
+    return x @ weight.t()  # [..., out]
 
 
 class _Linear4bitFn(torch.autograd.Function):
     """y = x @ W^T with W = dequantize_4bit(packed, state) rebuilt in every pass.
 
     forward:  W = dequant(packed, state)           [out, in], in x's dtype
-              y = x @ W^T                          [..., out]
+              y = x @ W^T                          [..., out]   (few rows on a GPU: fused, _matmul)
     backward: dL/dx = dL/dy @ W                    [..., in]   (W dequantized again)
               no gradient for the frozen 4-bit weight.
     Kept for backward: references to the frozen ``packed`` buffer (uint8) and the state, on the
@@ -77,8 +99,7 @@ class _Linear4bitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
         ctx.packed, ctx.state = packed, state
-        weight = _dense(packed, state, x.dtype)  # [out, in], scratch: dead after this matmul
-        return x @ weight.t()  # [..., out]
+        return _matmul(x, packed, state)  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

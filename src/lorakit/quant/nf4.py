@@ -126,11 +126,17 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 absmax [n_blocks] -> (codes uint8 [n_blocks], absmax2 fp32 [ceil(n_blocks/256)], offset fp32 [], code2)."""
-    code2 = create_dynamic_map(signed=True)
-    offset = absmax.mean()
+    """fp32 absmax [n_blocks] -> (codes uint8 [n_blocks], absmax2 fp32 [ceil(n_blocks/256)], offset fp32 [], code2).
+
+    The offset is the mean computed on the CPU whatever absmax's device: a reduction's rounding
+    depends on its summation order, which differs between CPU and CUDA, and one ulp of offset
+    changes codes. So a weight quantized on a GPU has the bytes it gets on the CPU (and from
+    bitsandbytes on the CPU). Costs one copy of n/blocksize floats (3.7 MB for Llama-3-8B's
+    largest matrix) at load time only."""
+    code2 = create_dynamic_map(signed=True)  # [256] on the CPU: its lookup table is cached by value
+    offset = absmax.detach().to("cpu", torch.float32).mean().to(absmax.device)
     codes, absmax2 = quantize_blockwise(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
-    return codes, absmax2, offset, code2
+    return codes, absmax2, offset, code2.to(absmax.device)
 
 
 def quantize_4bit(
@@ -172,29 +178,41 @@ def finish_quantize_4bit(
     codes, absmax2, offset, code2 = double_quantize(absmax)
     return QuantState(
         tensor.shape, tensor.dtype, blocksize, quant_type, codes, code,
-        offset=offset, absmax2=absmax2, code2=code2.to(tensor.device), blocksize2=DOUBLE_QUANT_BLOCKSIZE,
+        offset=offset, absmax2=absmax2, code2=code2, blocksize2=DOUBLE_QUANT_BLOCKSIZE,
     )  # fmt: skip
 
 
-# Weights quantized per step by quantize_weight: the reference quantize_4bit needs ~30 bytes of
-# temporaries per weight (fp32 copy, scaled values, int64 indices), so 2**18 weights bound them to
-# ~8 MB. Small, same-sized temporaries also keep the allocator from fragmenting: on
+# Weights quantized per step by quantize_weight on the CPU: the reference quantize_4bit needs ~30
+# bytes of temporaries per weight (fp32 copy, scaled values, int64 indices), so 2**18 weights bound
+# them to ~8 MB. Small, same-sized temporaries also keep the allocator from fragmenting: on
 # bench/bench_load.py's 336M-parameter model, whole-matrix quantization peaked at 1250-1550 MB RSS,
 # chunks at ~623 MB.
 QUANT_CHUNK_WEIGHTS = 2**18
+# On a GPU the caching allocator reuses blocks (no fragmentation of the host heap) and every chunk
+# costs ~15 kernel launches with the reference (1 with the Triton kernel), so chunks are 64x larger:
+# Llama's 4096 x 14336 MLP matrix takes 4 chunks instead of 224; the reference's temporaries stay
+# bounded at ~0.5 GB, the Triton kernel's at the chunk's outputs.
+QUANT_CHUNK_WEIGHTS_GPU = 2**24
+
+
+def quant_chunk_weights(device: torch.device) -> int:
+    """Weights per quantize_weight chunk on `device` (the two constants above)."""
+    return QUANT_CHUNK_WEIGHTS if torch.device(device).type == "cpu" else QUANT_CHUNK_WEIGHTS_GPU
 
 
 def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    chunk_weights: int = QUANT_CHUNK_WEIGHTS) -> tuple[torch.Tensor, QuantState]:
+                    chunk_weights: Optional[int] = None) -> tuple[torch.Tensor, QuantState]:
     """``quantize_4bit(weight)`` for a 2-D weight [out, in], computed over chunks of whole rows.
 
     Byte-exact with quantize_4bit: each chunk holds a multiple of `blocksize` weights, so its
     blocks are the whole tensor's blocks (only the last chunk may end in a partial block, as
     the whole tensor does); each chunk goes through quantize_4bit without double quantization
     (so registered fast kernels run), and the fp32 absmax of all chunks is double-quantized at
-    once, as quantize_4bit does. Returns (packed uint8 [out, in/2], QuantState).
+    once, as quantize_4bit does. Returns (packed uint8 [out, in/2], QuantState). `chunk_weights`:
+    default quant_chunk_weights(weight.device).
     """
     check_quant_args(quant_type, blocksize)
+    chunk_weights = chunk_weights or quant_chunk_weights(weight.device)
     rows, cols = weight.shape
     if weight.numel() <= chunk_weights or cols % 2:
         packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant)
@@ -243,15 +261,66 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
     return result if result is not None else dequantize_4bit_reference(packed, state, dtype, out=out)
 
 
+# Weights per step of the reference dequantize on the CPU: its temporaries (int32 byte indices, fp32
+# values: 6 B per weight) then stay in the L2 cache. Measured at 1 thread (bench/bench_step.py
+# --kernels --threads 1, LORAKIT_KERNELS=reference), [4864, 896] bf16: 2**16 bytes per step 1.18 G
+# weights/s, 2**18 0.93, the whole matrix at once 0.18 (fresh pages for 17 MB of temporaries).
+# Other devices take the whole tensor in one step (each step is ~3 kernel launches).
+DEQUANT_CHUNK_WEIGHTS = 2**17
+
+
+def byte_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: entry b holds the two fp32 values (code[b >> 4], code[b & 15]) of packed byte b,
+    as one 8-byte word (``.view(torch.float32)`` of a gather gives them back in element order)."""
+    code = code.float()  # [16]
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]: hi, lo
+    return pairs.contiguous().view(torch.int64).reshape(256)  # [256]
+
+
+def reference_dequant_bytes_per_weight(device_type: str, out_bytes: int) -> int:
+    """Peak bytes per weight dequantize_4bit_reference allocates (its output included) when it
+    rebuilds a whole weight: on the CPU the output plus chunk temporaries (amortised to 0); on
+    other devices, one step over the whole tensor: int32 byte indices (2 B per weight) beside the
+    fp32 values (4 B), then the values beside the output."""
+    return out_bytes if device_type == "cpu" else max(2 + 4, 4 + out_bytes)
+
+
 def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The plain-PyTorch dequantize_4bit (the definition every kernel is tested against)."""
-    if out is not None:
-        return out.view(state.shape).copy_(dequantize_4bit_reference(packed, state, dtype))
-    n = state.numel
-    absmax = block_absmax(state)  # [n_blocks]
-    n_blocks = absmax.numel()
-    values = state.code.float().to(packed.device)[unpack_nibbles(packed, n)]  # [n]
-    values = torch.nn.functional.pad(values, (0, n_blocks * state.blocksize - n))  # [n_blocks * blocksize]
-    out = values.view(n_blocks, state.blocksize) * absmax[:, None]  # [n_blocks, blocksize]
-    return out.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)
+    """The plain-PyTorch dequantize_4bit (the definition every kernel is tested against):
+
+        value[i] = (code[idx[i]] * absmax[i // blocksize]).to(dtype)     fp32 product, one rounding
+
+    computed per step of DEQUANT_CHUNK_WEIGHTS weights (CPU) as: packed byte -> two fp32 code values
+    through the 256-entry byte_table (one int32-indexed gather per byte), times the block's absmax
+    (broadcast over [blocks, blocksize]), written into the output's dtype by the multiply itself
+    (``torch.mul(..., out=)`` computes in fp32 and rounds once, as ``.to(dtype)`` does).
+    tests/quant/test_nf4.py checks it bit for bit against the direct formulation (unpack nibbles,
+    gather, pad, multiply, cast)."""
+    dtype = dtype or state.dtype
+    n, bs = state.numel, state.blocksize
+    device = packed.device
+    flat = packed.reshape(-1)
+    flat = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)  # [(n + 1) // 2] bytes
+    absmax = block_absmax(state).to(device)  # [n_blocks] fp32
+    table = byte_table(state.code.to(device))  # [256] int64
+    result = out.reshape(-1) if out is not None else torch.empty(n, dtype=dtype, device=device)  # [n]
+    n_full = n // bs
+    step = max(1, DEQUANT_CHUNK_WEIGHTS // bs) if device.type == "cpu" else max(1, n_full)  # blocks per step
+    for b0 in range(0, n_full, step):
+        b1 = min(n_full, b0 + step)
+        words = table.index_select(0, flat[b0 * bs // 2:b1 * bs // 2].to(torch.int32))  # [(b1 - b0) * bs / 2] int64
+        values = words.view(torch.float32).view(b1 - b0, bs)  # [blocks, bs]: the code values in element order
+        torch.mul(values, absmax[b0:b1, None], out=result[b0 * bs:b1 * bs].view(b1 - b0, bs))
+    if n_full * bs < n:  # a partial last block (blocksize is even, so it starts at a byte boundary)
+        start = n_full * bs
+        words = table.index_select(0, flat[start // 2:(n + 1) // 2].to(torch.int32))  # [ceil((n - start) / 2)]
+        torch.mul(words.view(torch.float32)[: n - start], absmax[n_full], out=result[start:n])
+    return result.view(state.shape)
+
+
+def gemv_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """y = x @ W^T with W = dequantize_4bit_reference(packed, state, x.dtype) [N, K]: x [..., K] -> y [..., N].
+    The definition of the "gemv_4bit" kernels (quant/kernels), which compute it for a few rows of x
+    without writing W; their fp32 sums run in another order, so they agree to rounding, not bits."""
+    return x @ dequantize_4bit_reference(packed, state, x.dtype).t()  # [..., N]

@@ -46,7 +46,7 @@ def demo_config(out: str) -> RunConfig:
 
 
 def _answers(model, tokenizer, prompts: list[str]) -> list[str]:
-    return [a.strip() for a in generate(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size=32)]
+    return [a.strip() for a in generate(model, tokenizer, prompts, MAX_NEW_TOKENS, max_batch=32)]
 
 
 def _show(title: str, prompts_answers: list[tuple[str, str]], preds: list[str], n: int = 3) -> None:

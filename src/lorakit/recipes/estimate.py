@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation (default: the model's)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where it trains (default cuda)")
     parser.add_argument("--fit", default=None, metavar="BUDGET", help="list settings that fit BUDGET (e.g. 15GiB, 24GB)")
+    parser.add_argument("--generate", type=int, default=None, metavar="BATCH",
+                        help="also show what generating for BATCH prompts of --seq-len tokens costs beyond the weights "
+                             "(KV cache, prefill, logits; memory/generation.py)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="with --generate: tokens generated per prompt (default 64)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -115,5 +119,18 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"lorakit estimate: {e}")
         return 2
-    print(json.dumps(est.to_dict(), indent=2, default=str) if args.json else format_table(est))
+    gen = None
+    if args.generate:
+        from ..memory.generation import generation_bytes
+
+        gen = generation_bytes(resolve_shape(model), args.generate, s.seq_len, args.new_tokens, s.compute_bytes,
+                               s.method == "qlora")
+    if args.json:
+        print(json.dumps({**est.to_dict(), **({"generation": gen} if gen else {})}, indent=2, default=str))
+        return 0
+    print(format_table(est))
+    if gen:
+        print(f"\ngeneration, {args.generate} prompts x {s.seq_len} tokens + {args.new_tokens} new: "
+              f"{format_bytes(gen['total'])} beyond the weights ("
+              + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in gen.items() if k != "total") + ")")
     return 0

@@ -24,7 +24,7 @@ import torch
 from ..config import RunConfig, add_run_arguments, config_from_args
 from ..data import build_examples, load_records, pad_token_id, split_records, stats_text
 from ..lora.inject import add_lora, format_trainable
-from ..memory.planner import parse_size, plan_micro_batch, predict_for_run, settings_for_run
+from ..memory.planner import MemoryPrediction, parse_size, plan_micro_batch, predict_run_memory, settings_for_run
 from ..model.load import default_device, load_from_config
 from ..precision import Precision, run_precision
 from ..report.html import write_report
@@ -32,6 +32,7 @@ from ..report.summary import write_run_info
 from ..train.loop import TrainResult, train
 from ..train.setup import FastPaths, describe_fast_paths, prepare_for_training
 from ..utils.fs import check_output_folder
+from ..utils.memory import current_rss_bytes
 
 log = logging.getLogger("lorakit")
 
@@ -41,8 +42,13 @@ class FinetuneOutput:
     result: TrainResult
     model: object
     tokenizer: object
-    predicted_peak_bytes: int = 0  # the memory planner's prediction for this run (also in run_info.json)
+    memory: MemoryPrediction = None  # the planner's prediction for this run (also in run_info.json)
     precision: Precision = None
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """The predicted figure of the same kind as result.peak_memory_bytes (RSS on CPU, reserved on CUDA)."""
+        return self.memory.headline[1]
 
 
 def prepare_data(cfg: RunConfig, tokenizer):
@@ -79,15 +85,26 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwr
         seq_len = cfg.data.max_seq_len if cfg.data.pack else max(len(e["input_ids"]) for e in train_ex + val_ex)
         if cfg.train.fit_memory:
             cfg = fit_micro_batch(cfg, model, precision, seq_len)
-        predicted = predict_for_run(cfg, model, precision, seq_len)
+        predicted = predict_run_memory(cfg, model, precision, seq_len, process_rss_bytes=current_rss_bytes())
         result = train(model, train_ex, val_ex, cfg, pad_id=pad_token_id(tokenizer), resume=resume,
-                       progress=progress, overwrite=overwrite, precision=precision, fast=fast)
-    measure = "peak allocated" if device.type == "cuda" else "peak RSS (includes the process itself)"
-    log.info("memory: predicted peak allocated %.0f MiB; measured %s %.0f MiB",
-             predicted / 2**20, measure, result.peak_memory_bytes / 2**20)
-    write_run_info(result.run_dir, model, predicted)  # trainable parameters, this run's memory prediction
+                       progress=progress, overwrite=overwrite, precision=precision, fast=fast, tokenizer=tokenizer)
+    log.info("memory: %s", describe_memory(predicted, result))
+    write_run_info(result.run_dir, model, predicted.headline[1], predicted.to_dict())  # this run's one prediction
     write_report(result.run_dir)                      # report.html, self-contained
     return FinetuneOutput(result, model, tokenizer, predicted, precision)
+
+
+def describe_memory(predicted: MemoryPrediction, result: TrainResult) -> str:
+    """'peak RSS 1216 MiB measured, 1190 MiB predicted (process 520 + tensors 650 + heap 20; 1.02x)'
+    - like for like; on CUDA reserved and allocated each beside its own prediction."""
+    mib = lambda b: f"{b / 2**20:.0f} MiB"
+    label, want = predicted.headline
+    got = result.peak_memory_bytes
+    text = f"{label} {mib(got)} measured, {mib(want)} predicted ({got / want:.2f}x"
+    if predicted.device == "cpu":
+        heap = want - predicted.process_bytes - predicted.allocated_bytes
+        return text + f"; predicted = process {mib(predicted.process_bytes)} + tensors {mib(predicted.allocated_bytes)} + heap and runtime {mib(heap)})"
+    return text + f"); peak allocated {mib(result.peak_allocated_bytes)} measured, {mib(predicted.allocated_bytes)} predicted"
 
 
 def fit_micro_batch(cfg: RunConfig, model, precision: Precision, seq_len: int) -> RunConfig:
@@ -121,7 +138,6 @@ def main(args: argparse.Namespace) -> int:
     if r.best_val_loss is not None:
         print(f"best validation loss {r.best_val_loss:.4f} at step {r.best_step} -> {r.run_dir / 'best_adapter'}")
     print(f"final adapter -> {r.run_dir / 'adapter'}; metrics -> {r.run_dir / 'metrics.jsonl'}")
-    print(f"peak memory {r.peak_memory_bytes / 2**20:.0f} MiB measured, {out.predicted_peak_bytes / 2**20:.0f} MiB "
-          f"predicted allocated (on CPU the measure is peak RSS, which includes the process itself)")
+    print(f"memory: {describe_memory(out.memory, r)}")
     print(f"report -> {r.run_dir / 'report.html'}")
     return 0

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import torch
 
 from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args, to_dict
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
@@ -132,28 +131,11 @@ def config_differences(saved: dict, planned: RunConfig) -> list[str]:
     return diffs
 
 
-def reset_peak_memory() -> None:
-    """Start each run's peak-memory record from the current level, so run N does not report run N-1's peak.
-
-    CUDA: torch.cuda.reset_peak_memory_stats. CPU (Linux): writing 5 to /proc/self/clear_refs resets the
-    process's resident-set high-water mark that getrusage(ru_maxrss) reads (proc(5), Linux >= 4.0).
-    """
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        log.info("could not reset the peak-RSS record: measured CPU peaks are cumulative over the sweep")
-
-
 def train_run(run: PlannedRun, resume: bool, progress: bool, overwrite: bool = False) -> None:
     """Train one run (or resume it); finetune leaves run_info.json and report.html in its folder."""
     from .finetune import finetune
 
-    reset_peak_memory()
+    gc.collect()
     out = finetune(run.cfg, resume=resume, progress=progress, overwrite=overwrite)  # seeds the LoRA init
     del out
     gc.collect()

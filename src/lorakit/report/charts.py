@@ -32,7 +32,7 @@ def throughput_chart(records: Sequence[dict]) -> str:
 
 
 def memory_chart(summaries: Sequence[RunSummary]) -> str:
-    """Predicted vs measured peak memory per run, in MiB."""
+    """Predicted vs measured peak memory per run (each run's own figure: RSS on CPU, reserved on CUDA), in MiB."""
     mib = lambda v: None if v is None else v / 2**20
     rows = [(s.name, [mib(s.predicted_peak_bytes), mib(s.peak_memory_bytes)]) for s in summaries]
     return bar_chart(rows, ["predicted", "measured"], "peak memory", "MiB")

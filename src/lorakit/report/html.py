@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from ..train.log import read_metrics
 from . import charts
-from .summary import RunSummary, fmt_bytes, fmt_num, read_samples, summarize_run, table_rows
+from .summary import RunSummary, end_event, fmt_bytes, fmt_num, read_run_info, read_samples, summarize_run, table_rows
 from ..utils.fs import atomic_file, check_output_file
 from .svg import standalone
 
@@ -78,14 +78,27 @@ def _key_numbers(s: RunSummary) -> str:
     ])
 
 
-def _memory(s: RunSummary) -> list[str]:
-    ratio = (f"{s.peak_memory_bytes / s.predicted_peak_bytes:.2f}"
-             if s.predicted_peak_bytes and s.peak_memory_bytes is not None else "n/a")
-    out = [_table(["peak memory", "predicted", "measured", "measured / predicted"],
-                  [("", fmt_bytes(s.predicted_peak_bytes), fmt_bytes(s.peak_memory_bytes), ratio)]),
-           charts.memory_chart([s])]
-    out.append('<p class="note">Measured: peak CUDA memory allocated, or on CPU the process\'s peak resident set '
-               "(which includes the Python runtime and libraries). Predicted: lorakit.memory, n/a when unavailable.</p>")
+def _memory(run_dir: Path, s: RunSummary) -> list[str]:
+    """Predicted beside measured, like for like: the process's peak RSS on CPU; on CUDA the caching
+    allocator's peak reserved (nvidia-smi shows it plus the CUDA context) and peak allocated."""
+    pred = read_run_info(run_dir).get("predicted_memory") or {}
+    end = end_event(read_metrics(run_dir)) or {}
+    ratio = lambda m, p: f"{m / p:.2f}" if m and p else "n/a"
+    rows = [(s.memory_figure, fmt_bytes(s.predicted_peak_bytes), fmt_bytes(s.peak_memory_bytes),
+             ratio(s.peak_memory_bytes, s.predicted_peak_bytes))]
+    if pred.get("device") == "cuda":
+        rows.append(("peak allocated (tensors)", fmt_bytes(pred.get("allocated_bytes")),
+                     fmt_bytes(end.get("peak_allocated_bytes")), ratio(end.get("peak_allocated_bytes"), pred.get("allocated_bytes"))))
+    out = [_table(["figure", "predicted", "measured", "measured / predicted"], rows), charts.memory_chart([s])]
+    if pred.get("device") == "cpu":
+        heap = (pred.get("rss_bytes") or 0) - (pred.get("process_bytes") or 0) - (pred.get("allocated_bytes") or 0)
+        out.append(f'<p class="note">Predicted peak RSS = the process without tensors, measured before training '
+                   f'({fmt_bytes(pred.get("process_bytes"))}: Python, torch, transformers, the model code, tokenizer, data) '
+                   f'+ the tensors at the peak of a step ({fmt_bytes(pred.get("allocated_bytes"))}, lorakit.memory) + heap '
+                   f'overhead ({fmt_bytes(heap)}). Measured: the process\'s peak resident set during training.</p>')
+    elif pred.get("device") == "cuda":
+        out.append('<p class="note">Measured: torch.cuda.max_memory_reserved and max_memory_allocated during training; '
+                   "nvidia-smi also shows the CUDA context (~0.3-0.6 GiB), which neither figure includes.</p>")
     return out
 
 
@@ -115,7 +128,7 @@ def run_body(run_dir: Path, summary: RunSummary, level: int = 1) -> list[str]:
                       [(r["step"], fmt_num(r["val_loss"]), fmt_num(r.get("val_ppl"), ".3f"),
                         fmt_num(r.get("train_loss_mean"))) for r in evals])
                if evals else '<p class="note">No validation set: no evaluations.</p>')
-    out += [f"<{h2}>memory</{h2}>"] + _memory(summary)
+    out += [f"<{h2}>memory</{h2}>"] + _memory(run_dir, summary)
     out += [f"<{h2}>sample generations</{h2}>"] + _samples(run_dir)
     out += [f"<{h2}>config</{h2}>", f"<pre>{escape(_config_text(run_dir))}</pre>"]
     return out

@@ -45,7 +45,11 @@ class RunSummary:
     seconds: Optional[float]
     tokens_per_s: Optional[float]
     peak_memory_bytes: Optional[int]
+    """Measured headline peak: the process's peak RSS on CPU, max_memory_reserved on CUDA."""
     predicted_peak_bytes: Optional[int]
+    """The prediction of the same figure (run_info.json)."""
+    memory_figure: str
+    """What the two figures above are: "peak RSS" or "peak reserved" (or "n/a")."""
     trainable_params: Optional[int]
     adapter_bytes: Optional[int]
     reason: str
@@ -106,13 +110,17 @@ def read_run_info(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def write_run_info(run_dir: str | os.PathLike, model, predicted_peak_bytes: Optional[int]) -> Path:
+def write_run_info(run_dir: str | os.PathLike, model, predicted_peak_bytes: Optional[int],
+                   predicted_memory: Optional[dict] = None) -> Path:
     """Record what only the live run knows beside it: trainable parameters and the run's one memory
-    prediction (the number `lorakit train` printed)."""
+    prediction (the numbers `lorakit train` printed): `predicted_peak_bytes` is the figure of the same
+    kind as the measured peak_memory_bytes (RSS on CPU, reserved on CUDA), `predicted_memory` every
+    predicted figure (memory/planner.py MemoryPrediction)."""
     from ..lora.inject import count_parameters
 
     trainable, total = count_parameters(model)
-    info = {"trainable_params": trainable, "total_params": total, "predicted_peak_bytes": predicted_peak_bytes}
+    info = {"trainable_params": trainable, "total_params": total, "predicted_peak_bytes": predicted_peak_bytes,
+            "predicted_memory": predicted_memory}
     path = Path(run_dir) / RUN_INFO
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -150,10 +158,18 @@ def summarize_run(run_dir: str | os.PathLike, name: Optional[str] = None) -> Run
         val_rise=last["val_loss"] - best["val_loss"] if last else None,
         seconds=end.get("seconds"), tokens_per_s=steps[-1].get("tokens_per_s") if steps else None,
         peak_memory_bytes=end.get("peak_memory_bytes"), predicted_peak_bytes=info.get("predicted_peak_bytes"),
+        memory_figure=_memory_figure(end, info),
         trainable_params=trainable, adapter_bytes=folder_bytes(run_dir / "adapter"),
         reason=end.get("reason", "unfinished"), r=lora.get("r"), alpha=lora.get("alpha"), lr=train.get("lr"),
         quantization=model.get("quantization"),
     )
+
+
+def _memory_figure(end: dict, info: dict) -> str:
+    device = (info.get("predicted_memory") or {}).get("device")
+    if device is None and end:
+        device = "cuda" if "peak_reserved_bytes" in end else "cpu"
+    return {"cpu": "peak RSS", "cuda": "peak reserved"}.get(device, "n/a")
 
 
 # ------------------------------------------------------------------ formatting
@@ -191,8 +207,9 @@ COLUMNS = (
     ("overfit gap", lambda s: fmt_num(s.overfit_gap, "+.4f")),
     ("wall s", lambda s: fmt_num(s.seconds, ".1f")),
     ("tokens/s", lambda s: fmt_num(s.tokens_per_s, ".0f")),
-    ("peak mem predicted", lambda s: fmt_bytes(s.predicted_peak_bytes)),
-    ("peak mem measured", lambda s: fmt_bytes(s.peak_memory_bytes)),
+    ("memory figure", lambda s: s.memory_figure),
+    ("predicted", lambda s: fmt_bytes(s.predicted_peak_bytes)),
+    ("measured", lambda s: fmt_bytes(s.peak_memory_bytes)),
     ("trainable params", lambda s: fmt_num(s.trainable_params, ",d")),
     ("adapter size", lambda s: fmt_bytes(s.adapter_bytes)),
 )

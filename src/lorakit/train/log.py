@@ -1,4 +1,5 @@
-"""Run records: metrics as JSON lines, TensorBoard when installed, a loss-curve PNG, peak memory."""
+"""Run records: metrics as JSON lines (mirrored to the trackers of train.report_to), sample
+generations, a loss-curve PNG, peak memory."""
 
 from __future__ import annotations
 
@@ -14,30 +15,46 @@ from ..utils.memory import peak_rss_bytes
 log = logging.getLogger("lorakit")
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory allocated (CUDA), else the process's peak resident set size."""
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak figures of `peak_memory` from now (CUDA peak stats; on Linux also the process's
+    RSS high-water mark, by writing 5 to /proc/self/clear_refs, proc(5), so a second run in the same
+    process (a sweep, a notebook) does not report the first one's peak)."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return peak_rss_bytes()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        log.debug("could not reset the peak-RSS record: CPU peaks are since the process started")
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to run_dir/metrics.jsonl (and TensorBoard if present)."""
+def peak_memory(device: torch.device) -> dict:
+    """The measured peaks, each named for exactly what it is: "peak_rss_bytes" (the process's resident
+    set, what a CPU user sees in top); on CUDA also "peak_allocated_bytes" (torch.cuda.max_memory_allocated:
+    tensors) and "peak_reserved_bytes" (max_memory_reserved: what the caching allocator holds, what
+    nvidia-smi shows minus the CUDA context). "peak_memory_bytes": the headline figure, RSS on CPU,
+    reserved on CUDA."""
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    if device.type == "cuda":
+        out.update(peak_allocated_bytes=int(torch.cuda.max_memory_allocated(device)),
+                   peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+    out["peak_memory_bytes"] = out.get("peak_reserved_bytes", out["peak_rss_bytes"])
+    return out
 
-    def __init__(self, run_dir: Path, resume: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
+
+class JsonLines:
+    """Appends one JSON object per line to a run file; on resume drops the lines of steps after the
+    checkpoint the run restarts from."""
+
+    def __init__(self, path: Path, resume: bool = False):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSON lines only
-            self._tb = None
+        if resume and self.path.is_file():
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._file = open(self.path, "w", encoding="utf-8")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines written after the checkpoint we restart from."""
         self._file.close()
         lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
         kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
@@ -47,15 +64,27 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record.get("step", 0))
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+
+class MetricsWriter(JsonLines):
+    """run_dir/metrics.jsonl, each record also sent to the run's trackers (train/trackers.py)."""
+
+    def __init__(self, run_dir: Path, resume: bool = False, trackers: list = ()):
+        super().__init__(Path(run_dir) / "metrics.jsonl", resume)
+        self.trackers = list(trackers)
+
+    def write(self, record: dict) -> None:
+        super().write(record)
+        for t in self.trackers:
+            t.log(record)
+
+    def close(self) -> None:
+        super().close()
+        for t in self.trackers:
+            t.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -32,12 +32,15 @@ from ..model.modules import model_device
 from ..precision import Precision, check_model_precision, model_precision
 from ..utils.fs import claim_folder
 from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
-from .log import MetricsWriter, peak_memory_bytes, plot_loss_curve
+from .log import MetricsWriter, peak_memory, plot_loss_curve, reset_peak_memory
 from .loss import count_supervised
 from .optim import build_optimizer
 from .schedule import build_scheduler
+from .progress import Progress
+from .samples import Samples
 from .setup import FastPaths
 from .step import TrainStep
+from .trackers import open_trackers
 
 log = logging.getLogger("lorakit")
 
@@ -53,7 +56,8 @@ class TrainResult:
     stopped_reason: str
     tokens_per_s: float
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # the headline measured peak: RSS on CPU, max_memory_reserved on CUDA (train/log.py)
+    peak_allocated_bytes: Optional[int] = None  # CUDA: max_memory_allocated
 
 
 def total_steps_for(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
@@ -105,6 +109,13 @@ def evaluate(step: nn.Module, batches: Batches, device: torch.device) -> float:
     return float(total) / max(n, 1) if total is not None else float("nan")
 
 
+def _loss_scale_overflow(scaler: torch.amp.GradScaler, loss: float, grad_norm: torch.Tensor) -> bool:
+    """True when a loss scaler is on, the loss is finite, the gradients are not, and the scale is still
+    above 1 (a scale pushed below 1 means the gradients really diverge: counted as a bad step)."""
+    return (scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(float(grad_norm))
+            and scaler.get_scale() > 1.0)
+
+
 def first_nonfinite_module(step: TrainStep, batch: dict) -> str:
     """Re-run the forward pass with hooks; the name of the first module whose output is non-finite."""
     found: list[str] = []
@@ -128,13 +139,13 @@ def first_nonfinite_module(step: TrainStep, batch: dict) -> str:
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
           pad_id: int, resume: bool = False, progress: bool = True, overwrite: bool = False,
-          precision: Optional[Precision] = None, fast: Optional[FastPaths] = None) -> TrainResult:
+          precision: Optional[Precision] = None, fast: Optional[FastPaths] = None, tokenizer=None) -> TrainResult:
     """Train the LoRA parameters of `model` (already adapted) and write the run folder: a new or
     empty folder, a previous run with `resume` (continued) or `overwrite` (its files replaced;
     anything else in the folder stays), see utils/fs.py. `precision` is the recipe's decision
-    (default: the model's own dtype, checked against train.precision); `fast`: the fused loss."""
+    (default: the model's own dtype, checked against train.precision); `fast`: the fused loss;
+    `tokenizer`: for the sample answers written at evaluations (train/samples.py)."""
     import yaml
-    from tqdm.auto import tqdm
 
     tc = cfg.train
     device = model_device(model)
@@ -158,7 +169,9 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "last_eval": None,
              "seconds": 0.0, "tokens": 0}
     ckpt = latest_checkpoint(run_dir) if resume else None
-    metrics = MetricsWriter(run_dir, resume=ckpt is not None)
+    metrics = MetricsWriter(run_dir, resume=ckpt is not None, trackers=open_trackers(tc.report_to, run_dir, to_dict(cfg)))
+    samples = Samples(run_dir, val_examples, tokenizer, tc.num_samples if tc.sample_every else 0,
+                      tc.sample_max_new_tokens, resume=ckpt is not None)
     if ckpt is not None:
         saved = load_checkpoint(ckpt, model)
         optimizer.load_state_dict(saved["optimizer"])
@@ -167,12 +180,14 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         state = saved["loop"]
         set_rng_state(saved["rng"])
         metrics.truncate_after(state["step"])
+        samples.truncate_after(state["step"])
         log.info("resumed from %s (step %d of %d)", ckpt, state["step"], total_steps)
     elif resume:
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
     step_fn.train()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    reset_peak_memory(device)  # the run's peak, not the load's (nor a previous run's in this process)
+    bar = Progress(total_steps, initial=state["step"], enabled=progress)
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
     loss_value, window = float("nan"), []
@@ -185,12 +200,22 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         loss_value, _ = accumulate_gradients(step_fn, micro, scaler, n_sup)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+        stepped = True
+        if _loss_scale_overflow(scaler, loss_value, grad_norm):
+            # fp16: the scaled backward overflowed, the loss did not: the scaler skips this update and
+            # halves its scale (expected early in fp16 training; not divergence, no diagnostics)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            stepped = False
+            log.info("step %d: fp16 gradient overflow, update skipped; loss scale -> %g", step + 1, scaler.get_scale())
+        elif not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             bad_in_row += 1
             where = first_nonfinite_module(step_fn, micro[0])
             warnings.warn(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}; "
                           f"skipping the update (first non-finite output: {where})", stacklevel=2)
             optimizer.zero_grad(set_to_none=True)
+            stepped = False
             scaler.update() if precision.loss_scaling else None
             if bad_in_row >= tc.max_bad_steps:
                 stopped, reason = True, (f"stopped: {bad_in_row} non-finite steps in a row (first non-finite output: "
@@ -201,7 +226,8 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        if stepped:  # the schedule follows the updates that happened
+            scheduler.step()
         state["step"] = step = step + 1
         window.append(loss_value)
         elapsed = time.perf_counter() - t0
@@ -209,11 +235,12 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
             metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                            "supervised_tokens": n_sup})
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
-        bar.update(1)
+        bar.update(step, loss_value, scheduler.get_last_lr()[0], tokens_seen / max(elapsed, 1e-9))
         if val is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
             stop = _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step)
+            state["evals"] = state.get("evals", 0) + 1
+            if tc.sample_every and (state["evals"] - 1) % tc.sample_every == 0:
+                samples.write(model, step)
             window = []
             if stop:
                 stopped, reason = True, (f"early stopping: no validation improvement of {tc.early_stopping_min_delta} "
@@ -231,14 +258,16 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
         save_adapter(model, run_dir / "adapter", overwrite=True)
-    peak = peak_memory_bytes(device)
-    metrics.write({"step": state["step"], "event": "end", "reason": reason, "peak_memory_bytes": peak,
+    peaks = peak_memory(device)
+    peak = peaks["peak_memory_bytes"]
+    metrics.write({"step": state["step"], "event": "end", "reason": reason, **peaks,
                    "seconds": elapsed, "best_val_loss": state["best_val"], "best_step": state["best_step"]})
     metrics.close()
+    samples.close()
     plot_loss_curve(run_dir)
     log.info("%s after %d steps in %.1f s; peak memory %.1f MiB", reason, state["step"], elapsed, peak / 2**20)
     return TrainResult(run_dir, state["step"], loss_value, state["best_val"], state["best_step"], stopped, reason,
-                       tokens_seen / max(elapsed, 1e-9), elapsed, peak)
+                       tokens_seen / max(elapsed, 1e-9), elapsed, peak, peaks.get("peak_allocated_bytes"))
 
 
 def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step) -> bool:

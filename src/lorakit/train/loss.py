@@ -16,7 +16,8 @@ Fast path (the common case: a frozen bias-free Linear head, no logit soft-cappin
 vocabulary columns with an online softmax and, when training, the gradient w.r.t. the hidden rows
 in the same pass. Per step that is 2 head matmuls instead of 3 (forward, recompute, backward), each
 slice of the head weight read from memory once for both, and a few passes over fp32 logits that
-stay in cache; peak memory O(HEAD_ROWS * HEAD_COLS) whatever the vocabulary or chunk size. The
+stay in cache; peak memory O(rows * cols) of one block whatever the vocabulary or chunk size (block
+sizes per device: `head_blocks`). The
 general path stays for every other head, and for `fused=False` (model.fast_paths: false), where it
 is the reference the fast path is tested against. `saved_bytes_per_row` and `transient_bytes` state
 what each path holds, for the memory planner.
@@ -62,6 +63,22 @@ def _chunk_ce_sum(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.T
 # from memory once and stays in cache for the second matmul).
 HEAD_ROWS = 256
 HEAD_COLS = 8192
+# On a GPU every (row block, vocabulary slice) costs ~12 kernel launches, and a [256, H] x [H, 8192]
+# matmul is too small to fill the device: with the CPU's blocks, Llama-3's 128,256-token vocabulary
+# and 2,048 supervised rows take 8 x 16 blocks = ~1,500 launches per micro-batch. Blocks of
+# 2048 x 16384 take 1 x 8 (~100 launches), each matmul ~275 GFLOP at H = 4096; the block's logits
+# cost 2048 * 16384 * 6 B = 201 MB transient (bf16 + fp32), a small part of even a T4's 15 GB.
+# Not yet measured on a GPU (bench/bench_gpu.py measures the step that contains it).
+GPU_HEAD_ROWS = 2048
+GPU_HEAD_COLS = 16384
+
+
+def head_blocks(device) -> tuple[int, int]:
+    """(rows, vocabulary columns) of the fast path's blocks for tensors on `device`: the CPU's
+    cache-sized HEAD_ROWS x HEAD_COLS, or GPU_HEAD_ROWS x GPU_HEAD_COLS on any other device."""
+    if torch.device(device).type == "cpu":
+        return HEAD_ROWS, HEAD_COLS
+    return GPU_HEAD_ROWS, GPU_HEAD_COLS
 # Transient bytes per element of the [chunk, vocab] logits while one chunk of the general path runs
 # backward (under checkpoint: recomputed fp32 logits, the log_softmax output, and the grads of
 # both); measured with torch.profiler memory events, torch 2.13. Gemma-2 soft-capping adds tanh's
@@ -93,21 +110,24 @@ class LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, with_grad: bool) -> torch.Tensor:
         vocab = weight.shape[0]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
+        if y.device.type != "cpu":  # checked on the device, no host sync per micro-batch
+            torch._assert_async(((y >= 0) & (y < vocab)).all(), "a label is outside the model's vocabulary")
+        elif y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
             bad = y[(y < 0) | (y >= vocab)][0]
             raise ValueError(f"label {int(bad)} is outside the model's vocabulary [0, {vocab}) "
                              "(labels must be token ids or -100 to ignore a position)")
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if with_grad else None  # [N, H]
-        for start in range(0, h.shape[0], HEAD_ROWS):
-            rows = slice(start, start + HEAD_ROWS)
+        head_rows, head_cols = head_blocks(h.device)
+        for start in range(0, h.shape[0], head_rows):
+            rows = slice(start, start + head_rows)
             hr, yr = h[rows], y[rows]                                                # [r, H], [r]
             m = torch.full(yr.shape, float("-inf"), device=h.device)                 # running max [r]
             s = torch.zeros(yr.shape, device=h.device)                               # running sum [r]
             target = torch.zeros(yr.shape, device=h.device)                          # z_i[y_i] [r]
             acc = torch.zeros(hr.shape, device=h.device) if with_grad else None      # [r, H] fp32
-            for v0 in range(0, vocab, HEAD_COLS):
-                wc = weight[v0:v0 + HEAD_COLS]                                      # [c, H] view
+            for v0 in range(0, vocab, head_cols):
+                wc = weight[v0:v0 + head_cols]                                      # [c, H] view
                 zc = hr @ wc.t()                                                     # [r, c] compute dtype
                 z = zc.float()                                                       # [r, c] (zc itself if fp32)
                 col = yr - v0
@@ -178,18 +198,19 @@ def saved_bytes_per_row(hidden: int, compute_bytes: int, fused: bool) -> int:
 
 
 def transient_bytes(rows: int, hidden: int, vocab: int, compute_bytes: int, fused: bool, chunk_size: int,
-                    softcap: bool = False) -> int:
+                    softcap: bool = False, device: str = "cpu") -> int:
     """Peak bytes the loss allocates beyond what it keeps, for `rows` supervised rows.
 
-    fused: one block's [HEAD_ROWS, HEAD_COLS] logits in the compute dtype, then fp32 (in place from
+    fused: one block's [rows, cols] logits (head_blocks(device)) in the compute dtype, then fp32 (in place from
     there on; the rounded exponentials go back into the compute-dtype buffer): 4 + bc bytes per logit
     (4 when bc is fp32), freed before the next slice; the block's running gradient [HEAD_ROWS, H] in
     fp32 and one slice's product in bc; plus the [N, H] gradient of the hidden rows (fp32, then bc).
     general: GENERAL_BYTES_PER_LOGIT (+ SOFTCAP_BYTES_PER_LOGIT) per logit of a chunk_size chunk."""
     if fused:
         per = 4 + (compute_bytes if compute_bytes != 4 else 0)
-        r = min(HEAD_ROWS, rows)
-        cols = min(HEAD_COLS, vocab)
+        head_rows, head_cols = head_blocks(device)
+        r = min(head_rows, rows)
+        cols = min(head_cols, vocab)
         return r * cols * per + r * hidden * (4 + compute_bytes) + rows * hidden * (4 + compute_bytes)
     per = GENERAL_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if softcap else 0)
     return min(chunk_size, rows) * vocab * per

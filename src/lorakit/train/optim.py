@@ -78,6 +78,13 @@ class AdamW(torch.optim.Optimizer):
     paged=True: the stored state lives in host memory (pinned when the param is on CUDA) and
     is copied to the param's device for that param's update only, then copied back; device
     memory for optimizer state is one param's worth at a time. On CPU, paging changes nothing.
+    The copies are non_blocking and queued on the current stream, in order: host->device, update,
+    device->host, for one param after another, so the next step's host->device copy of a tensor
+    runs after this step's copy back into it, with no host sync in between. The host reads the
+    pinned tensors only through state_dict() (checkpoints), which first waits for the copies (an
+    event recorded after each step); a step on another stream first makes that stream wait for
+    the event (on the device, no host sync). This is always-offloaded state, not bitsandbytes'
+    unified-memory paging.
     The update itself always runs in fp32 (bf16/fp16 params are updated through an fp32 copy).
     """
 
@@ -100,6 +107,7 @@ class AdamW(torch.optim.Optimizer):
         self.paged = paged
         self.min_8bit_size = min_8bit_size
         self._maps: dict[tuple[bool, torch.device], Tensor] = {}  # (signed, device) -> [256]
+        self._copied: dict[torch.device, torch.cuda.Event] = {}  # paged: after the last step's copies back
 
     # ---- where and how state is stored -------------------------------------------------------
 
@@ -166,13 +174,31 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("lorakit AdamW does not support sparse gradients")
-                self._step_param(p, group)
-                if p.device.type == "cuda":
+                if self.paged and p.device.type == "cuda" and p.device not in cuda_devices:
+                    self._after_last_copies(p.device)
                     cuda_devices.add(p.device)
-        if self.paged:  # host copies were issued non_blocking: finish them before anyone reads
-            for device in cuda_devices:
-                torch.cuda.synchronize(device)
+                self._step_param(p, group)
+        for device in cuda_devices if self.paged else ():  # the copies back are queued, not done
+            event = self._copied[device] = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
         return loss
+
+    def _after_last_copies(self, device: torch.device) -> None:
+        """Order this step's host->device copies after the last step's device->host copies, on
+        the device (a no-op on the stream that queued them)."""
+        event = self._copied.get(device)
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+
+    def _wait_for_host_copies(self) -> None:
+        """Block until every queued device->host copy of paged state has landed (the host reads it)."""
+        for event in self._copied.values():
+            event.synchronize()
+
+    def state_dict(self) -> dict:
+        """torch's state_dict, after the paged state's queued copies back to the host are done."""
+        self._wait_for_host_copies()
+        return super().state_dict()
 
     def _step_param(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -199,6 +225,7 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load like torch, then re-place state: keep dtypes (uint8 codes, fp32 moments of bf16
         params) and keep paged state on the host; torch's default would cast to p.dtype/device."""
+        self._wait_for_host_copies()  # no queued copy may land in the host tensors replaced below
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]

@@ -67,7 +67,7 @@ def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tu
             if f.readinto(memoryview(buf.numpy())) != end - start:
                 raise ValueError(f"{path}: truncated data for tensor {name!r}")
             yield name, buf.view(dtype).reshape(info["shape"])
-            del buf  # else the previous tensor stays alive while the next one is read
+            del buf  # the caller's reference is now the only one: the next read may reuse the memory
 
 
 def safetensors_header(specs: Iterable[tuple[str, torch.dtype, tuple]], path: Path, metadata: dict | None = None) -> bytes:

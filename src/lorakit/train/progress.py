@@ -1,0 +1,60 @@
+"""Progress of a run: a tqdm bar on a terminal (a notebook bar in Jupyter), one plain line every
+few steps or seconds anywhere else (a log file, nohup, CI), so a log never holds a bar's carriage
+returns as one huge line.
+
+    plain line:  step 40/150  loss 1.2345  lr 2.00e-03  1234 tok/s  elapsed 0:00:31  eta 0:01:25
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("lorakit")
+PLAIN_LINES = 20        # at least this many lines per run
+PLAIN_SECONDS = 30.0    # and one at least every this many seconds
+
+
+def _interactive() -> bool:
+    """A terminal, or a Jupyter / Colab kernel (tqdm.auto draws a widget there)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, interactive: bool | None = None):
+        self.total, self.enabled = total, enabled
+        self.interactive = _interactive() if interactive is None else interactive
+        self.every = max(1, total // PLAIN_LINES)
+        self.t0 = self.last = time.perf_counter()
+        self.first = initial
+        self.bar = None
+        if enabled and self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if step % self.every and step != self.total and now - self.last < PLAIN_SECONDS:
+            return
+        self.last = now
+        done = step - self.first
+        eta = (now - self.t0) / done * (self.total - step) if done else 0.0
+        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  elapsed %s  eta %s", step, self.total, loss, lr,
+                 tokens_per_s, _clock(now - self.t0), _clock(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
