@@ -177,6 +177,12 @@ def test_unsupported_architecture_and_tokenizer_are_clear_errors(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(ExportError, match="--quant 'q3_k'"):
         export_gguf(str(folder), str(tmp_path / "x.gguf"), "q3_k", progress=False)
+    # a SentencePiece .model without tokenizer.json: not read (that needs the sentencepiece package)
+    folder2, _, _ = model_folder(tmp_path / "spm", "llama", "spm")
+    (folder2 / "tokenizer.json").unlink()
+    (folder2 / "tokenizer.model").write_bytes(b"\x0a\x00")
+    with pytest.raises(ExportError, match="no tokenizer.json"):
+        export_gguf(str(folder2), str(tmp_path / "x.gguf"), "f16", progress=False)
 
 
 def test_output_file_rules(tmp_path, monkeypatch):
