@@ -155,6 +155,19 @@ def test_q4_k_m_mix_and_k_quant_tensors_decode_in_transformers(tmp_path):
             assert np.array_equal(dequantize(t.data, t.tensor_type).reshape(w.shape), mine.numpy()), t.name
 
 
+def test_mix_rule_details():
+    from lorakit.export.keys import tensor_type
+
+    assert tensor_type("blk.11.attn_v.weight", (1024, 8192), "q4_k_m", 80, False, big=True) == "Q5_K"  # 70B
+    assert tensor_type("blk.2.attn_v.weight", (1024, 8192), "q4_k_m", 80, False, big=True) == "Q6_K"
+    assert tensor_type("blk.3.attn_q.weight", (896, 896), "q4_k_m", 24, False) == "Q5_0"  # 896 % 256: llama.cpp's fallback
+    assert tensor_type("output.weight", (151936, 896), "q4_k_m", 24, False) == "Q8_0"
+    assert tensor_type("token_embd.weight", (151936, 1024), "q4_0", 24, True) == "Q6_K"  # tied: the output head
+    assert tensor_type("token_embd.weight", (151936, 1024), "q8_0", 24, True) == "Q8_0"
+    assert tensor_type("blk.0.attn_norm.weight", (1024,), "q4_k_m", 24, True) == "F32"
+    assert tensor_type("blk.0.ffn_down.weight", (64, 688), "q8_0", 24, False) == "F16"  # 688 % 32
+
+
 def test_q6_k_export_is_all_q6_k(tmp_path):
     folder, _, _ = model_folder(tmp_path, "llama", "bpe", hidden_size=256, intermediate_size=512)
     reader, kv = fields(export_gguf(str(folder), str(folder / "m.gguf"), "q6_k", progress=False).path)

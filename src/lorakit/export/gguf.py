@@ -27,8 +27,8 @@ from ..utils.fs import atomic_file, check_output_file
 from ..utils.memory import release_freed_memory
 from . import kquants
 from .hf import MergePlan, iter_merged_tensors, progress_bar, read_adapter_tensors
-from .keys import (FILE_TYPES, QUANTS, Arch, ExportError, TensorNames, architecture, tensor_type, transform,
-                   write_hparams)
+from .keys import (FILE_TYPES, QUANTS, Arch, ExportError, TensorNames, architecture, is_70b, tensor_type,
+                   transform, write_hparams)
 from .vocab import read_vocab
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,14 @@ def _nbytes_shape(shape: tuple, qtype: str) -> tuple[np.dtype, tuple, int]:
 
 def plan_entries(plan: MergePlan, arch: Arch, quant: str, tied: bool) -> list[Entry]:
     names = TensorNames(arch, tied)
+    big = is_70b(arch)
     entries = []
     for file in plan.files:
         for hf, _, shape in plan.specs(file):
             name = names.gguf_name(hf)
             if name is None:
                 continue
-            entries.append(Entry(hf, name, shape, tensor_type(name, shape, quant, arch.n_layer, tied)))
+            entries.append(Entry(hf, name, shape, tensor_type(name, shape, quant, arch.n_layer, tied, big)))
     got = {e.name for e in entries}
     if "token_embd.weight" not in got:
         raise ExportError(f"{plan.folder}: no input embedding in the checkpoint")

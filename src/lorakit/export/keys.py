@@ -216,12 +216,20 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def tensor_type(gguf_name: str, shape: tuple, quant: str, n_layer: int, tied: bool) -> str:
+def is_70b(arch: Arch) -> bool:
+    """llama.cpp's LLM_TYPE_70B (80 layers: Llama with grouped-query attention, Qwen2), the one model
+    size its quant mix treats specially (src/models/{llama,qwen2}.cpp)."""
+    c = arch.config
+    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return c.num_hidden_layers == 80 and (arch.name == "qwen2" or (arch.name == "llama" and n_kv != c.num_attention_heads))
+
+
+def tensor_type(gguf_name: str, shape: tuple, quant: str, n_layer: int, tied: bool, big: bool = False) -> str:
     """The ggml type of one tensor (shape = numpy [rows, cols]) for --quant `quant`:
     1-D tensors and norms F32 (convert_hf_to_gguf); f16/bf16/q8_0 put every 2-D weight in that type
     (convert_hf_to_gguf --outtype); q4_0/q5_0/q4_k_m/q6_k follow llama-quantize's mix: the output head
     (the token embedding when tied) Q6_K, and for q4_k_m attn_v / attn_qkv and ffn_down Q6_K in the
-    layers use_more_bits picks. A row that does not split into blocks falls back as llama.cpp does."""
+    layers use_more_bits picks (70B: the other attn_v Q5_K). A row that does not split into blocks falls back as llama.cpp does."""
     if len(shape) < 2 or gguf_name.endswith(("_norm.weight", ".bias")) or not gguf_name.endswith(".weight"):
         return "F32"
     default = FILE_TYPES[quant][1]
@@ -234,6 +242,8 @@ def tensor_type(gguf_name: str, shape: tuple, quant: str, n_layer: int, tied: bo
             i = int(layer.group(1)) if layer else 0
             if gguf_name.endswith(("attn_v.weight", "attn_qkv.weight", "ffn_down.weight")) and use_more_bits(i, n_layer):
                 qtype = "Q6_K"
+            elif big and gguf_name.endswith(("attn_v.weight", "attn_qkv.weight")):
+                qtype = "Q5_K"  # 70B: 8 heads share each attn_v, so it gets more bits cheaply
     cols = shape[-1]
     if cols % BLOCK[qtype]:
         qtype = FALLBACK.get(qtype, qtype)
