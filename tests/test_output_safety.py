@@ -107,9 +107,12 @@ def test_merge_overwrite_replaces_only_lorakit_files(model_dir, adapter_dir, tmp
     assert mode & 0o044 == 0o044  # readable by others (umask 022): a serving container can read it
 
 
-def test_a_crash_mid_merge_leaves_the_previous_merge(model_dir, adapter_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["streaming", "in-memory"])
+def test_a_crash_mid_merge_leaves_the_previous_merge(model_dir, adapter_dir, tmp_path, monkeypatch, path):
     out = tmp_path / "merged"
     argv = ["merge", "--model", str(model_dir), "--adapter", str(adapter_dir), "--out", str(out), "--precision", "fp32"]
+    if path == "in-memory":
+        argv.append("--verify")
     assert main(argv) == 0
     before = snapshot(out)
 
@@ -117,7 +120,16 @@ def test_a_crash_mid_merge_leaves_the_previous_merge(model_dir, adapter_dir, tmp
         (folder / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(type(lorakit.load_model(str(model_dir), compute_dtype="fp32")[0]), "save_pretrained", dies_half_way)
+    if path == "streaming":
+        import lorakit.export.hf as hf
+
+        def stream_dies(file, *a, **k):
+            dies_half_way(None, file.parent)
+
+        monkeypatch.setattr(hf, "write_safetensors_stream", stream_dies)
+    else:
+        model_cls = type(lorakit.load_model(str(model_dir), compute_dtype="fp32")[0])
+        monkeypatch.setattr(model_cls, "save_pretrained", dies_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
         main(argv + ["--overwrite"])
     assert snapshot(out) == before

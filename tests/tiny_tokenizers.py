@@ -72,3 +72,45 @@ def write_tiny_model_folder(folder):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def make_spm_tokenizer(space_prefix: bool = True):
+    """A SentencePiece-style BPE like Llama-2's / Gemma's tokenizer.json (built offline): "▁" for
+    spaces (prepended when `space_prefix`), byte fallback to <0x00>..<0xFF>, <unk>/<s>/</s> at ids
+    0-2, BOS added. What the SPM path of GGUF export reads."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|end|>"]
+    norm = [normalizers.Prepend("\u2581")] if space_prefix else []
+    norm.append(normalizers.Replace(" ", "\u2581"))
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trainer_tok.normalizer = normalizers.Sequence(norm)
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS * 3, trainer)
+    trained = trainer_tok.get_vocab()
+    merges = trainer_tok.model.get_merges() if hasattr(trainer_tok.model, "get_merges") else None
+    if merges is None:
+        import json as _json
+
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+                  for m in _json.loads(trainer_tok.to_str())["model"]["merges"]]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for text, _ in sorted(trained.items(), key=lambda kv: kv[1]):
+        if text not in vocab:
+            vocab[text] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                additional_special_tokens=specials[3:])
+    t.chat_template = CHATML_TEMPLATE
+    return t

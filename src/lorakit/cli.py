@@ -24,6 +24,8 @@ COMMANDS = {
     "chat": ("recipes.generate", "add_chat_arguments", "main_chat",
              "interactive chat (chat template, or ChatML when the tokenizer has none)"),
     "merge": ("recipes.merge", "add_arguments", "main", "merge an adapter into its base and save a plain 16-bit model"),
+    "export": ("recipes.export", "add_arguments", "main",
+               "write GGUF for llama.cpp / Ollama (merged model, f16..q4_k_m) or a llama.cpp LoRA GGUF"),
     "eval": ("recipes.evaluate", "add_arguments", "main", "validation loss / perplexity, and exact match, on a data file"),
     "quant-report": ("recipes.quant_report", "add_arguments", "main",
                      "4-bit quantization quality per layer (nf4/fp4/int4): error, KL, perplexity"),

@@ -163,7 +163,7 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = True) -> 
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} does not exist (only safetensors adapters are loaded; "
                                 f"lorakit never unpickles adapter_model.bin)")
-    tensors = {_strip(k): v for k, v in load_file(str(weights_file)).items()}
+    tensors = {strip_prefix(k): v for k, v in load_file(str(weights_file)).items()}
     lora_names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     if not hasattr(model, "lorakit_config"):
         missing = [n for n in lora_names if not _has_module(model, n)]
@@ -179,7 +179,8 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = True) -> 
     return model
 
 
-def _strip(key: str) -> str:
+def strip_prefix(key: str) -> str:
+    """A PEFT file's tensor name -> the module path lorakit uses ("base_model.model." and ".default." dropped)."""
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key)
 

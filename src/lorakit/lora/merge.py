@@ -38,10 +38,21 @@ def dense_copy(layer: nn.Module, weight_out_in: torch.Tensor) -> nn.Module:
     return new.to(weight_out_in.device)
 
 
+def merged_weight(base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """THE per-layer merge arithmetic, shared by the in-memory merge (below) and the streaming
+    merge of a checkpoint on disk (export/hf.py), so both give the same bits:
+
+        W' = W + scaling * (B @ A)     in fp32
+        base [out, in] (fp32, already [out, in] for Conv1D), lora_A [r, in], lora_B [out, r] -> [out, in] fp32
+
+    The caller casts the result to the output dtype."""
+    delta = scaling * (lora_B.float() @ lora_A.float().to(lora_B.device))  # [out, r] @ [r, in] -> [out, in]
+    return base.float() + delta.to(base.device)
+
+
 def merged_layer_of(layer: LoRALinear) -> nn.Module:
     """A plain layer computing base + LoRA: W + scaling * B @ A in fp32, cast to the base dtype."""
-    w = dense_weight(layer.base_layer)               # [out, in] fp32
-    w = w + layer.delta_weight().to(w.device)        # [out, r] @ [r, in] -> [out, in]
+    w = merged_weight(dense_weight(layer.base_layer), layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
     return dense_copy(layer.base_layer, w)
 
 

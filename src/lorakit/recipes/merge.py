@@ -1,4 +1,11 @@
-"""`lorakit merge`: base + adapter -> one plain 16-bit transformers folder (+ tokenizer)."""
+"""`lorakit merge`: base + adapter -> one plain 16-bit transformers folder (+ tokenizer).
+
+Two paths, the same bits (tests/export/test_merge_stream.py):
+    streaming (default): a 16-bit base on disk + adapter, merged tensor by tensor (export/hf.py);
+                         memory ~ adapter + one tensor, whatever the model's size
+    in memory:           with --verify (compares logits, so it needs the model), --quantization (merge
+                         onto the dequantized 4-bit weights), or a lorakit 4-bit checkpoint as --model
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,17 @@ from ..utils.fs import check_output_folder, output_folder
 # Sample text for --verify when the caller gives none: varied words, digits and punctuation.
 VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384,400 km to the Moon; "
                "question: what is 12 * 7? answer: 84.")
+
+
+def streams(model_path: str, quantization: Optional[str], verify: bool) -> bool:
+    """Whether `lorakit merge` takes the streaming path: a 16-bit safetensors base, no --verify,
+    no --quantization."""
+    from ..model import quantized_checkpoint
+    from ..model.load import resolve_model_path
+
+    if verify or quantization is not None:
+        return False
+    return quantized_checkpoint.read_quantization_info(resolve_model_path(model_path)) is None
 
 
 def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optional[str] = None,
@@ -44,16 +62,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import add_model_arguments
 
     add_model_arguments(p, adapter=False)
+    p._option_string_actions["--precision"].help = (
+        "dtype of the merged weights: auto keeps each tensor's stored dtype (streaming) or picks the device's "
+        "compute dtype (in memory); bf16/fp16/fp32 cast every float tensor")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder for the merged model (+ tokenizer): new or empty, "
                    "or a previous lorakit merge output with --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous lorakit merge in --out (only the files lorakit wrote there)")
-    p.add_argument("--verify", action="store_true", help="compare logits before/after on sample text and fail above --max-kl")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits before/after on sample text and fail above --max-kl; this loads the whole "
+                        "model into memory (the in-memory merge) instead of merging tensor by tensor")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-kl", type=float, default=1e-3, help="largest KL divergence (nats/token) --verify accepts")
 
 
 def main(args: argparse.Namespace) -> int:
+    if streams(args.model, args.quantization, args.verify):
+        from ..dtypes import to_dtype
+        from ..export.hf import stream_merge
+
+        dtype = None if args.precision == "auto" else to_dtype(args.precision)
+        stream_merge(args.model, args.adapter, args.out, dtype=dtype, overwrite=args.overwrite,
+                     progress=not args.no_progress)
+        print(f"merged model -> {args.out} (streamed tensor by tensor)")
+        return 0
     report = merge_to_folder(args.model, args.adapter, args.out, quantization=args.quantization,
                              precision=args.precision, verify=args.verify, max_kl=args.max_kl,
                              overwrite=args.overwrite)

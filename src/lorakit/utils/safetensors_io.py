@@ -12,10 +12,11 @@ tensor's bytes straight from its memory, so a shard never exists twice. Dtype co
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -69,21 +70,43 @@ def iter_safetensors(path: Path, mapped: frozenset = frozenset()) -> Iterator[tu
             del buf  # the caller's reference is now the only one: the next read may reuse the memory
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """One safetensors file, written tensor by tensor: the header (JSON padded with spaces to a
-    multiple of 8, as the reference writer does), then each tensor's bytes in order, row-major."""
+def safetensors_header(specs: Iterable[tuple[str, torch.dtype, tuple]], path: Path, metadata: dict | None = None) -> bytes:
+    """The header bytes of a safetensors file holding `specs` (name, dtype, shape) in that order:
+    u64 length + JSON padded with spaces to a multiple of 8, as the reference writer does."""
     header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
-    for name, t in tensors.items():
-        if t.dtype not in SAFETENSORS_CODES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape in specs:
+        if dtype not in SAFETENSORS_CODES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tuple]],
+                             tensors: Iterable[torch.Tensor], metadata: dict | None = None) -> None:
+    """One safetensors file whose tensors arrive one at a time (`tensors`, in the order of `specs`),
+    so only the tensor being written is in memory. Each must match its spec exactly."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors.values():
+        f.write(safetensors_header(specs, path, metadata))
+        count = 0
+        for t in tensors:  # not zip(): its reused result tuple would keep the previous tensor alive
+            if count == len(specs):
+                raise ValueError(f"{path}: more tensors than the {len(specs)} announced")
+            name, dtype, shape = specs[count]
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, its header says {dtype} {tuple(shape)}")
             if t.numel():
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            count += 1
+            del t  # before the producer makes the next one
+        if count != len(specs):
+            raise ValueError(f"{path}: {len(specs)} tensors announced, {count} written")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """One safetensors file, written tensor by tensor: the header, then each tensor's bytes in order, row-major."""
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    write_safetensors_stream(path, specs, tensors.values(), metadata)
