@@ -4,9 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh test
 set -u
-# llama.cpp for the slow GGUF tests (cached wheel after the first build; they skip without it).
-# LORAKIT_NO_LLAMA_CPP=1 skips the build.
-if [ -z "${LORAKIT_NO_LLAMA_CPP:-}" ]; then bash scripts/build_llama_cpp.sh; fi
+# The llama.cpp tests (tests/export/test_llama_cpp.py) skip unless llama-cpp-python is installed:
+# `bash scripts/build_llama_cpp.sh` builds it once (~5-13 min); .ci/run does.
 python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|bitsandbytes|safetensors) ' || true
 set +e
 python -m pytest -q "$@"
