@@ -291,3 +291,21 @@ def test_dequant_transient_asks_the_kernel_registry(monkeypatch):
         assert dequant_bytes_per_weight(cpu) == 2  # the CPU reference works in cache-sized chunks
     finally:
         kernels.set_backend(None)
+
+
+def test_fsdp2_estimate_is_per_rank():
+    """Under FSDP2 the decoder layers' weights, the LoRA weights, their gradients and the optimizer
+    state divide by the ranks; the root unit and the QuantState stay whole; two layers are gathered."""
+    one = estimate("llama-2-70b", Settings(method="qlora", seq_len=512, grad_ckpt=True))
+    for world in (2, 4, 8):
+        est = estimate("llama-2-70b", Settings(method="qlora", seq_len=512, grad_ckpt=True, world_size=world,
+                                               strategy="fsdp2"))
+        d = est.details["distributed"]
+        assert est.components["frozen_weights"] == (d["replicated_bytes"] + d["sharded_layer_bytes"] // world
+                                                    + d["gathered_layer_bytes"])
+        assert d["replicated_bytes"] + d["sharded_layer_bytes"] == one.components["frozen_weights"]
+        assert est.components["optimizer_state"] == one.components["optimizer_state"] // world
+        assert est.components["activations"] == one.components["activations"]  # a rank's own micro-batch
+    ddp = estimate("llama-2-70b", Settings(method="qlora", seq_len=512, grad_ckpt=True, world_size=2, strategy="ddp"))
+    assert ddp.components["frozen_weights"] == one.components["frozen_weights"]
+    assert ddp.total_bytes == one.total_bytes + 256 * 2**20  # + NCCL's buffers on a multi-GPU run
