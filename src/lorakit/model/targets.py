@@ -64,10 +64,12 @@ def find_targets(model: nn.Module, target_modules: Union[str, tuple[str, ...]],
             name_matches(n, target_modules) for n in embedding_names(model)):
         return []  # only embedding tables were named and the caller wants linear layers
     if not chosen:
-        suffixes = sorted({n.split(".")[-1] for n in candidates + embedding_names(model)})
+        suffixes = sorted({n.split(".")[-1] for n in candidates})
+        tables = sorted({n.split(".")[-1] for n in embedding_names(model)})
         raise ValueError(
             f"lora.target_modules={target_modules!r} matched no linear layer "
             f"(exclude_modules={exclude_modules!r}). This model's linear layers are named: "
-            f"{', '.join(suffixes)} (e.g. {candidates[0] if candidates else 'none'}); "
+            f"{', '.join(suffixes)} (e.g. {candidates[0] if candidates else 'none'})"
+            f"{'; its embedding tables: ' + ', '.join(tables) if tables and embeddings else ''}; "
             f"use a list of these names, a regex over full names, or 'all-linear'.")
     return chosen
