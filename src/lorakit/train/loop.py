@@ -34,7 +34,8 @@ from ..utils.fs import claim_folder
 from .checkpoint import RUN_FILES, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, set_rng_state
 from .log import MetricsWriter, peak_memory_bytes, plot_loss_curve
 from .loss import count_supervised
-from .optim import build_optimizer
+from .neftune import install_neftune
+from .optim import build_optimizer, param_groups
 from .schedule import build_scheduler
 from .setup import FastPaths
 from .step import TrainStep
@@ -149,7 +150,8 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     val = Batches(val_examples, tc.micro_batch_size, tc.seed, pad_id, shuffle=False) if val_examples else None
     total_steps = total_steps_for(cfg, len(data))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+    groups = param_groups(model, tc.lr, tc.loraplus_lr_ratio)  # LoRA+: B at ratio x lr (train/optim.py)
+    optimizer = build_optimizer(groups, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, tc.warmup_steps, tc.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -172,6 +174,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
     step_fn.train()
+    neftune = install_neftune(model, tc.neftune_alpha)  # train/neftune.py: noise in training mode only
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
@@ -228,6 +231,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         if stopped:
             break
     bar.close()
+    neftune.remove()
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
         save_adapter(model, run_dir / "adapter", overwrite=True)
