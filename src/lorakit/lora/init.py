@@ -128,6 +128,11 @@ class ResidualInit:
         return self.factors.pop(name, None)
 
 
+def weight_preparer(config: LoraConfig) -> Optional[ResidualInit]:
+    """The loader's weight preparer for `config`: a ResidualInit for pissa/olora, else None."""
+    return ResidualInit(config) if config.residual_init else None
+
+
 def init_residual_(layer, name: str, config: LoraConfig, prepared: Optional[ResidualInit]) -> None:
     """pissa / olora on one LoRALinear: A, B from the factors the loader computed (`prepared`), or
     from the dense base weight now, which is then replaced in place by the residual (as PEFT does).

@@ -208,6 +208,7 @@ def _fill_from_checkpoint(model: nn.Module, folder: Path, targets: set[str], cfg
             if module_name in prepared and attr == "weight":
                 conv = is_conv1d(model.get_submodule(module_name))
                 w = prepare(module_name, (tensor.t() if conv else tensor).to(device))  # [out, in]
+                w = w.to(tensor.dtype)         # stored (or quantized) from the file's dtype, as without a preparer
                 tensor = w.t() if conv else w  # back in the file's layout (Conv1D: [in, out])
             if module_name in targets and attr == "weight":
                 old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real

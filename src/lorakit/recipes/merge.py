@@ -6,7 +6,8 @@ import argparse
 from typing import Optional
 
 
-from ..lora.io import load_adapter
+from ..lora.init import weight_preparer
+from ..lora.io import load_adapter, read_adapter_config
 from ..lora.merge import MergeReport, merge
 from ..model.load import load_model
 from ..model.modules import model_device
@@ -25,7 +26,10 @@ def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optio
     `out`: a new or empty folder, or with `overwrite` a previous merge output (utils/fs.py)."""
     protect = [(model_path, "the base model's folder (--model)"), (adapter, "the adapter folder (--adapter)")]
     check_output_folder(out, "merge", overwrite, protect=protect)  # before minutes of loading, not after
-    model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision)
+    # a pissa/olora adapter applies to the residual base: computed from the 16-bit weights as they
+    # load, and that residual is what --quantization quantizes, as in training (lora/init.py)
+    prepare = weight_preparer(read_adapter_config(adapter))
+    model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision, prepare=prepare)
     load_adapter(model, adapter, trainable=False)
     sample = None
     if verify:
