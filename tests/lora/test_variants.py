@@ -251,3 +251,18 @@ def test_count_parameters_excludes_adapter_tensors_from_the_total():
 def test_residual_init_object_selects_linear_targets_only():
     init = ResidualInit(lorakit.LoraConfig(r=2, init="pissa", target_modules=("embed_tokens", "q_proj")))
     assert init.select(tiny_model("llama")) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+
+
+def test_dora_in_bf16_sees_small_magnitude_changes():
+    """m/n ~ 1 rounds to steps of 2^-7 in bf16; the layer applies m/n - 1, so a 0.3% change of m
+    moves the output by ~0.3% (a bf16 m/n would stay exactly 1.0 and not move it at all)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 32, bias=False).bfloat16(), r=4, alpha=8, use_dora=True)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y0 = layer(x).float()
+        layer.lora_magnitude_vector.mul_(1.003)
+        y1 = layer(x).float()
+    assert torch.tensor(1.003, dtype=torch.bfloat16).item() == 1.0
+    ratio = (y1.norm() / y0.norm()).item()
+    assert 1.002 < ratio < 1.004, ratio

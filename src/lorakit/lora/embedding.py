@@ -114,8 +114,9 @@ class LoRAEmbedding(nn.Module):
             update = update * scale.to(device=update.device, dtype=update.dtype)
         if self.lora_magnitude_vector is None:
             return result + update.to(result.dtype)
-        mag = magnitude_scale(self.lora_magnitude_vector, self.dora_norm()).to(dtype)  # [dim]
-        return (mag * (result.to(dtype) + update)).to(result.dtype)
+        mag = magnitude_scale(self.lora_magnitude_vector, self.dora_norm())  # [dim] fp32
+        d = result.to(dtype) + update                                        # [..., dim]
+        return torch.addcmul(d, d, (mag - 1).to(dtype)).to(result.dtype)    # m/n * d (as in lora/layer.py)
 
     def merge_(self) -> None:
         from .merge import merged_embedding_of

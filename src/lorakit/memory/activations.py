@@ -21,7 +21,7 @@ tokens), with compute dtype of bc bytes and LoRA A/B of ab bytes:
     MLP                   3*I*bc (gate, act(gate), up)
 
     DoRA (lora.use_dora)  per adapted layer d = W x' + s B A x' [out] in eb, kept for the magnitude's
-                          gradient, + out*(4 + eb) bytes per layer (the detached norm, fp32, and m/n)
+                          gradient, + out*(4 + eb) bytes per layer (the detached norm, fp32, and m/n - 1)
     embedding LoRA        the token ids (int64), A^T[ids] [r] in eb (+ with DoRA the update's input,
                           [hidden] in eb), + B^T in eb when eb != ab; and the first layer's inputs
                           now need gradients (its first norm and A copies are saved as in later layers)
