@@ -145,7 +145,7 @@ def init_residual_(layer, name: str, config: LoraConfig, prepared: Optional[Resi
         if isinstance(base, Linear4bit):
             raise ValueError(
                 f"{name}: lora.init={config.init!r} on a 4-bit base needs the 16-bit weights, which are "
-                f"quantized at load: load the model with lorakit.load_model(..., prepare=ResidualInit(lora_config)) "
+                f"quantized at load: load the model with lorakit.load_model(..., prepare=lorakit.ResidualInit(lora_config)) "
                 f"(lorakit train / merge / generate do) so that the residual is what gets quantized")
         w = base.weight.detach()
         w_out_in = w.t() if is_conv1d(base) else w                      # Conv1D stores W^T [in, out]
