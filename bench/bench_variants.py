@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, with_method
+from lorakit.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from lorakit.methods import with_method
 from lorakit.recipes.demo import ASSETS, MAX_NEW_TOKENS, N_TEST
 
 METHODS = ["lora", "rslora", "dora", "pissa", "qlora", "qlora+rslora", "qlora+dora", "qlora+pissa"]

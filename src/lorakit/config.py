@@ -93,7 +93,7 @@ class LoraConfig:
         _allowed("lora.bias", self.bias, BIAS_MODES)
         _allowed("lora.adapter_dtype", self.adapter_dtype, ("float32", "compute"))
         _allowed("lora.branch_dtype", self.branch_dtype, ("compute", "adapter"))
-        if not (self.init in LORA_INITS or _is_pissa_niter(self.init)):
+        if not (self.init in LORA_INITS or is_pissa_niter(self.init)):
             raise ConfigError(f"lora.init={self.init!r} is not allowed; choose one of "
                               f"{', '.join(map(repr, LORA_INITS))} or 'pissa_niter_N' (N >= 1, e.g. 'pissa_niter_4')")
         if not self.target_modules:
@@ -110,7 +110,7 @@ class LoraConfig:
         return self.init == "olora" or self.init.startswith("pissa")
 
 
-def _is_pissa_niter(init) -> bool:
+def is_pissa_niter(init) -> bool:
     head, _, n = str(init).partition("pissa_niter_")
     return head == "" and n.isdigit() and int(n) >= 1
 
@@ -274,60 +274,6 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# ---------------------------------------------------------------- methods: named variants of a run
-
-# `lorakit sweep --method` names a run's variant with parts joined by "+" ("qlora+dora",
-# "pissa+loraplus"); a method sets exactly these fields (the rest comes from the config):
-#   model.quantization, lora.use_rslora, lora.use_dora, lora.init, train.loraplus_lr_ratio, train.neftune_alpha
-METHOD_PARTS = ("lora", "qlora", "rslora", "dora", "pissa", "olora", "gaussian", "loraplus", "neftune")
-LORAPLUS_DEFAULT_RATIO = 16.0  # LoRA+ paper (Hayou et al. 2024): lr_B / lr_A = 2^4 for their LLM runs
-NEFTUNE_DEFAULT_ALPHA = 5.0    # NEFTune paper (Jain et al. 2023): alpha = 5 for its 7B results
-
-
-def parse_method(method: str) -> tuple[str, ...]:
-    """'qlora+dora' -> ('qlora', 'dora'); errors name the part and what is allowed."""
-    parts = tuple(p.strip() for p in method.split("+"))
-    for p in parts:
-        if p not in METHOD_PARTS and not _is_pissa_niter(p):
-            raise ConfigError(f"--method {method!r}: {p!r} is not allowed; combine with '+' from "
-                              f"{', '.join(METHOD_PARTS)} (or pissa_niter_N)")
-    if len(set(parts)) != len(parts) or sum(_is_init_part(p) for p in parts) > 1:
-        raise ConfigError(f"--method {method!r} repeats a part or names two initialisations")
-    return parts
-
-
-def _is_init_part(part: str) -> bool:
-    return part in ("pissa", "olora", "gaussian") or _is_pissa_niter(part)
-
-
-def with_method(cfg: RunConfig, method: str) -> RunConfig:
-    """`cfg` with the method's fields set (above): off unless a part turns them on. qlora uses the
-    config's 4-bit type (NF4 when it has none); loraplus / neftune the config's ratio / alpha when
-    set, else the papers' 16 / 5."""
-    parts = parse_method(method)
-    init = next((p for p in parts if _is_init_part(p)), "default")
-    lora = dataclasses.replace(cfg.lora, use_rslora="rslora" in parts, use_dora="dora" in parts, init=init)
-    model = dataclasses.replace(cfg.model, quantization=(cfg.model.quantization or "nf4") if "qlora" in parts else None)
-    t = cfg.train
-    train = dataclasses.replace(
-        t, loraplus_lr_ratio=(t.loraplus_lr_ratio or LORAPLUS_DEFAULT_RATIO) if "loraplus" in parts else 0.0,
-        neftune_alpha=(t.neftune_alpha or NEFTUNE_DEFAULT_ALPHA) if "neftune" in parts else 0.0)
-    return dataclasses.replace(cfg, lora=lora, model=model, train=train)
-
-
-def method_of(cfg: dict) -> str:
-    """The method name of a run's config (a to_dict / run_config.yaml mapping): 'qlora+dora', 'lora'."""
-    model, lora, train = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("train", {})
-    init = str(lora.get("init", "default"))
-    parts = ["qlora" if model.get("quantization") else "lora"]
-    parts += ["rslora"] if lora.get("use_rslora") else []
-    parts += ["dora"] if lora.get("use_dora") else []
-    parts += [init] if init != "default" else []
-    parts += ["loraplus"] if train.get("loraplus_lr_ratio") else []
-    parts += ["neftune"] if train.get("neftune_alpha") else []
-    return "+".join(parts[1:] if parts[0] == "lora" and len(parts) > 1 else parts)
 
 
 # ---------------------------------------------------------------- building from dicts / YAML

@@ -268,7 +268,8 @@ def test_methods_set_exactly_their_fields():
     assert fields(plan["neftune"]) == (None, False, False, "default", 0.0, 3.0)  # the config's alpha
     assert plan["pissa_niter_4"].lora.init == "pissa_niter_4"
     assert all(c.lora.dropout == 0.1 and c.lora.r == 8 for c in plan.values())  # the rest is the config's
-    from lorakit.config import method_of, to_dict
+    from lorakit.config import to_dict
+    from lorakit.methods import method_of
     assert [method_of(to_dict(c)) for c in plan.values()] == list(plan)  # names round-trip
 
 

@@ -31,10 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import (
-    METHOD_PARTS, ConfigError, RunConfig, add_run_arguments, config_from_args, method_of, parse_method, to_dict,
-    with_method,
-)  # fmt: skip
+from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args, to_dict
+from ..methods import METHOD_PARTS, method_of, parse_method, with_method
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
 from ..train.log import read_metrics
 from ..utils.fs import atomic_file, claim_folder

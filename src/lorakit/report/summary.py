@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import method_of as config_method
+from ..methods import method_of as config_method
 from ..train.log import read_metrics
 from ..utils.fs import atomic_file
 
