@@ -27,6 +27,10 @@ steps measured by lorakit/memory/measure.py (torch.profiler allocator events, ra
 the same shape) next to the planner's prediction. Ratios are against plain LoRA on the same base
 (16-bit: lora; 4-bit: qlora) at the same rank.
 
+Layer (`--parts layer`): one 2048 x 5632 layer alone (bf16 and NF4 base), forward + backward of
+LoRA vs DoRA and DoRA's weight norm by itself, fastest of 20: the cost of the norm's extra base
+forward on A (for a 4-bit base, one more dequantize).
+
 Writes <out>/results.json and prints Markdown tables (pasted into docs/methods.md).
 """
 
@@ -181,6 +185,35 @@ def memory(shape: str, method: str, r: int, seq: int, batch: int, dtype: str, wo
     return measured, estimate(build_hf_config(config), s).peak_allocated_bytes
 
 
+def layer_cost(base_kind: str, in_f: int, out_f: int, tokens: int, r: int, reps: int) -> dict:
+    """One adapted layer alone, bf16: forward + backward of LoRA vs DoRA, and DoRA's norm by itself
+    (the fastest of `reps`), to see what the norm's extra base forward on A costs (a 4-bit base
+    dequantizes for it)."""
+    from lorakit.lora.layer import LoRALinear
+    from lorakit.quant.linear4bit import Linear4bit
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+    base = Linear4bit.from_linear(dense, compute_dtype=torch.bfloat16) if base_kind == "nf4" else dense
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16, requires_grad=True)
+
+    def best(fn):
+        times = []
+        for _ in range(3 + reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times[3:])
+
+    out = {"base": base_kind, "shape": f"{in_f}x{out_f}", "tokens": tokens, "r": r}
+    for dora in (False, True):
+        layer = LoRALinear(base, r, 2.0 * r, use_dora=dora)
+        out["dora_s" if dora else "lora_s"] = best(lambda: layer(x).sum().backward())
+        if dora:
+            out["norm_s"] = best(layer.dora_norm)
+    return out
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -210,11 +243,11 @@ def speed_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="/tmp/lorakit-bench-variants", help="work folder (runs, task files, results.json)")
-    p.add_argument("--parts", nargs="+", default=["quality", "speed"], choices=["quality", "speed"])
+    p.add_argument("--parts", nargs="+", default=["quality", "speed", "layer"], choices=["quality", "speed", "layer"])
     p.add_argument("--tasks", default="demo,full")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--ranks", default="8,16")
-    p.add_argument("--steps", default="demo=100,full=200",
+    p.add_argument("--steps", default="demo=150,full=300",
                    help="optimizer steps per run of each task (task=N,...; or one N for all), the same for every method")
     p.add_argument("--speed-shapes", default=",".join(SPEED_SHAPES))
     p.add_argument("--seq", type=int, default=48, help="tokens per row in the speed part (demo rows: ~45)")
@@ -265,6 +298,19 @@ def main(argv=None) -> int:
                     save()
                     print(json.dumps(row), flush=True)
         print(speed_table([x for x in results["speed"] if x["method"] in methods]))
+    if "layer" in args.parts:
+        rows = []
+        for base_kind in ("bf16", "nf4"):
+            for r in ranks:
+                row = layer_cost(base_kind, 2048, 5632, args.batch * args.seq, r, 20)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        results["layer"] = rows
+        save()
+        print("| base | layer | tokens | r | LoRA fwd+bwd ms | DoRA fwd+bwd ms | x | DoRA norm ms |\n|---|---|---:|---:|---:|---:|---:|---:|")
+        for x in rows:
+            print(f"| {x['base']} | {x['shape']} | {x['tokens']} | {x['r']} | {1000 * x['lora_s']:.1f} | "
+                  f"{1000 * x['dora_s']:.1f} | {x['dora_s'] / x['lora_s']:.2f} | {1000 * x['norm_s']:.1f} |")
     return 0
 
 
