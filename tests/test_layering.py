@@ -10,7 +10,7 @@ SRC = Path(lorakit.__file__).parent
 # Lower number = lower layer. A module may import its own package and anything of a lower layer.
 LAYERS = {
     "config": 0, "dtypes": 0,
-    "utils": 1,
+    "utils": 1, "methods": 1,
     "precision": 2, "quant": 2, "data": 2,
     "model": 3,
     "lora": 4,

@@ -7,10 +7,14 @@ The public API (stable names; see README.md):
     trainable, total = lorakit.count_parameters(model)
     lorakit.save_adapter(model, "out/adapter"); lorakit.load_adapter(model, "out/adapter")
     merged = lorakit.merge(model)
+    # PiSSA / OLoRA on a 4-bit base: the residual is computed as the 16-bit weights load
+    model, tokenizer = lorakit.load_model(path, quantization="nf4", prepare=lorakit.ResidualInit(lora_config))
     packed, state = lorakit.quantize_4bit(tensor); lorakit.dequantize_4bit(packed, state)
 """
 
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from .lora.embedding import LoRAEmbedding
+from .lora.init import ResidualInit
 from .lora.inject import add_lora, count_parameters, format_trainable, unload
 from .lora.io import load_adapter, save_adapter
 from .lora.layer import LoRALinear
@@ -24,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_config",
     "add_lora", "count_parameters", "format_trainable", "unload", "load_adapter", "save_adapter",
-    "LoRALinear", "MergeReport", "MergeVerificationError", "merge", "load_model", "Linear4bit",
+    "LoRALinear", "LoRAEmbedding", "ResidualInit", "MergeReport", "MergeVerificationError", "merge", "load_model", "Linear4bit",
     "quantize_4bit", "dequantize_4bit",
 ]

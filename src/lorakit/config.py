@@ -36,6 +36,8 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bi
 DATA_FORMATS = ("auto", "dolly", "alpaca", "chat", "prompt_completion", "text")
 TEMPLATES = ("auto", "chat", "alpaca", "alpaca_short")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# lora.init values (PEFT init_lora_weights): "pissa_niter_N" (N >= 1 power iterations) is also allowed.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,18 @@ class LoraConfig:
     """dtype of the LoRA branch's matmuls: "compute" (default: the activations' dtype, e.g. bf16, on
     bf16 copies of the fp32 weights, as autocast does; faster, less memory) or "adapter" (cast the
     activations to the adapter dtype, as PEFT does)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, PEFT use_dora): a trainable magnitude per output row times the
+    direction W + scaling * B @ A normalised per row (the norm detached, as in the paper)."""
+    init: str = "default"
+    """Initialisation of A and B (PEFT init_lora_weights): "default" (Kaiming-uniform A, zero B),
+    "gaussian" (A ~ N(0, 1/r^2), zero B), "pissa" (the top-r singular vectors of W move into A and
+    B, the residual stays frozen; "pissa_niter_N": randomized SVD with N power iterations, faster)
+    or "olora" (QR of W). With pissa/olora and a 4-bit base the residual is what gets quantized.
+    Embedding layers always get PEFT's embedding init (A = 0, B ~ N(0, 1))."""
+    save_converted: bool = True
+    """With init pissa/olora: also write <adapter>/as_lora/, the same adapter as a plain rank-2r
+    LoRA of the original (unmodified) base model (PEFT's path_initial_model_for_weight_conversion)."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -81,6 +95,9 @@ class LoraConfig:
         _allowed("lora.bias", self.bias, BIAS_MODES)
         _allowed("lora.adapter_dtype", self.adapter_dtype, ("float32", "compute"))
         _allowed("lora.branch_dtype", self.branch_dtype, ("compute", "adapter"))
+        if not (self.init in LORA_INITS or is_pissa_niter(self.init)):
+            raise ConfigError(f"lora.init={self.init!r} is not allowed; choose one of "
+                              f"{', '.join(map(repr, LORA_INITS))} or 'pissa_niter_N' (N >= 1, e.g. 'pissa_niter_4')")
         if not self.target_modules:
             raise ConfigError("lora.target_modules is empty; give 'all-linear', a regex, or a list of module names")
 
@@ -88,6 +105,16 @@ class LoraConfig:
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (LoRA paper eq. 4; rsLoRA paper, 2023)."""
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+    @property
+    def residual_init(self) -> bool:
+        """True for inits that move part of W into A/B and leave a residual base (pissa*, olora)."""
+        return self.init == "olora" or self.init.startswith("pissa")
+
+
+def is_pissa_niter(init) -> bool:
+    head, _, n = str(init).partition("pissa_niter_")
+    return head == "" and n.isdigit() and int(n) >= 1
 
 
 @dataclass(frozen=True)
@@ -242,6 +269,14 @@ class TrainConfig:
     ends the run with an error instead of a silent wait)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024, PEFT create_loraplus_optimizer): the B matrices (lora_B, embedding
+    B) and 1-D parameters (biases, DoRA magnitudes) train at ratio x lr, A at lr; 0 = off (the
+    paper suggests 16)."""
+    neftune_alpha: float = 0.0
+    """NEFTune (Jain et al. 2023, as transformers/TRL neftune_noise_alpha): add uniform noise of
+    magnitude alpha / sqrt(L * d) to the input embeddings in training only (L = the padded row
+    length, d = hidden size); 0 = off (the paper uses 5)."""
 
     def __post_init__(self):
         _allowed("train.schedule", self.schedule, SCHEDULES)
@@ -264,6 +299,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr!r} is not allowed; it must be > 0")
+        if not self.loraplus_lr_ratio >= 0:
+            raise ConfigError(f"train.loraplus_lr_ratio={self.loraplus_lr_ratio!r} is not allowed; use 0 (off) or "
+                              f"a ratio > 0 (the lr of B over that of A; 16 in the LoRA+ paper)")
+        if not self.neftune_alpha >= 0:
+            raise ConfigError(f"train.neftune_alpha={self.neftune_alpha!r} is not allowed; use 0 (off) or a value > 0 (e.g. 5)")
 
 
 @dataclass(frozen=True)

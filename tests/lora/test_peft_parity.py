@@ -79,8 +79,8 @@ def test_unsupported_feature_is_an_error(tmp_path):
     model = lorakit.add_lora(tiny_model("llama"), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     lorakit.save_adapter(model, tmp_path / "a")
     path = tmp_path / "a" / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
         lorakit.load_adapter(tiny_model("llama"), tmp_path / "a")
 
 

@@ -23,7 +23,7 @@ SMALL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_at
              num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
 
 
-def adapted_model(arch="llama", method="lora", dtype="bf16", attn="sdpa", targets="all-linear", r=8, **extra):
+def adapted_model(arch="llama", method="lora", dtype="bf16", attn="sdpa", targets="all-linear", r=8, lora=None, **extra):
     cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                "gemma2": transformers.Gemma2Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
@@ -34,7 +34,7 @@ def adapted_model(arch="llama", method="lora", dtype="bf16", attn="sdpa", target
     if method == "qlora":  # exactly what load_model does per target layer
         for name in quantize_targets(model, ("lm_head",)):
             replace_module(model, name, Linear4bit.from_linear(model.get_submodule(name), compute_dtype=DTYPES[dtype]))
-    add_lora(model, LoraConfig(r=r, target_modules=targets))
+    add_lora(model, LoraConfig(r=r, target_modules=targets, **(lora or {})))
     return model.train()
 
 
@@ -53,15 +53,22 @@ def test_linear4bit_bytes_match_the_stored_buffers(shape, blocksize, double_quan
     assert linear4bit_bytes(shape[0], shape[1], s) == layer.nbytes_weight()
 
 
-@pytest.mark.parametrize("method,dtype,optimizer", [("lora", "bf16", "adamw_torch"), ("qlora", "bf16", "adamw_8bit"),
-                                                    ("qlora", "fp32", "paged_adamw_32bit")])
-def test_weight_and_optimizer_components_are_exact(method, dtype, optimizer, tmp_path):
+@pytest.mark.parametrize("method,dtype,optimizer,lora", [
+    ("lora", "bf16", "adamw_torch", {}), ("qlora", "bf16", "adamw_8bit", {}), ("qlora", "fp32", "paged_adamw_32bit", {}),
+    ("lora", "bf16", "adamw_torch", dict(use_dora=True, init="pissa")),
+    ("qlora", "bf16", "adamw_8bit", dict(use_dora=True, target_modules=("embed_tokens", "q_proj"))),
+    ("qlora", "bf16", "adamw_torch", dict(init="olora", target_modules=("embed_tokens", "o_proj")))])
+def test_weight_and_optimizer_components_are_exact(method, dtype, optimizer, lora, tmp_path):
+    from lorakit.lora.init import weight_preparer
+
     config = {"model_type": "qwen2", **SMALL}  # q/k/v biases too
     save_random_checkpoint(config, tmp_path, DTYPES[dtype])
+    lora_cfg = LoraConfig(r=64, **lora)  # r=64: LoRA matrices >= 4096 elements get 8-bit optimizer state
     model, _ = load_model(str(tmp_path), quantization="nf4" if method == "qlora" else None, compute_dtype=dtype,
-                          device="cpu", load_tokenizer=False)
-    add_lora(model, LoraConfig(r=64))  # r=64: LoRA matrices >= 4096 elements get 8-bit optimizer state
-    s = Settings(method=method, dtype=dtype, optimizer=optimizer, device="cpu", rank=64)
+                          device="cpu", load_tokenizer=False, prepare=weight_preparer(lora_cfg))
+    add_lora(model, lora_cfg)
+    s = Settings(method=method, dtype=dtype, optimizer=optimizer, device="cpu", rank=64, targets=lora_cfg.target_modules,
+                 use_dora=lora_cfg.use_dora, residual_init=lora_cfg.residual_init)
     est = estimate(model, s)
     frozen = sum(t.numel() * t.element_size() for t in model.parameters() if not t.requires_grad)
     frozen += sum(t.numel() * t.element_size() for t in model.buffers())
@@ -93,6 +100,13 @@ CASES = [
     dict(method="lora", dtype="fp32", attn="eager", lean=True),
     dict(method="qlora", dtype="bf16", attn="sdpa", lean=True),
     dict(method="lora", dtype="bf16", attn="sdpa", arch="qwen2", lean=True),
+    dict(method="lora", dtype="bf16", attn="sdpa", lora=dict(use_dora=True)),
+    dict(method="qlora", dtype="bf16", attn="sdpa", lora=dict(use_dora=True), lean=True),
+    dict(method="lora", dtype="fp32", attn="eager", lora=dict(use_dora=True), arch="qwen2"),
+    dict(method="lora", dtype="bf16", attn="sdpa", lora=dict(use_dora=True, branch_dtype="adapter")),
+    dict(method="lora", dtype="bf16", attn="sdpa", targets=("q_proj", "embed_tokens")),
+    dict(method="qlora", dtype="bf16", attn="sdpa", targets=("embed_tokens", "down_proj"), lora=dict(use_dora=True)),
+    dict(method="lora", dtype="fp32", attn="sdpa", targets=("embed_tokens",)),
 ]
 
 
@@ -106,7 +120,8 @@ def test_saved_activations_match_autograd(case, monkeypatch):
     targets = case.pop("targets", "all-linear")
     attn = case.pop("attn")
     lean = case.pop("lean", False)
-    model = adapted_model(targets=targets, attn=attn, **case)
+    lora = case.pop("lora", {})
+    model = adapted_model(targets=targets, attn=attn, lora=lora, **case)
     batch_size, seq_len = 2, 48
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SMALL["vocab_size"], (batch_size, seq_len), generator=g)
@@ -136,7 +151,7 @@ def test_saved_activations_match_autograd(case, monkeypatch):
     measured = sum(v for k, v in saved.items() if k not in weights)
     shape = from_hf_config(model.config)
     s = Settings(method=case["method"], dtype=case["dtype"], seq_len=seq_len, batch_size=batch_size, rank=8,
-                 targets=targets, device="cpu", lean_activations=lean)
+                 targets=targets, device="cpu", lean_activations=lean, **lora)
     assert activation_bytes(shape, s, adapted_layers(shape, targets))["total"] == measured
 
 

@@ -241,11 +241,53 @@ def test_plan_and_argument_errors():
     assert [p.cfg.lora.alpha for p in plan[:2]] == [6.0, 24.0]  # the config's alpha / r = 3 is kept
     assert {p.cfg.model.quantization for p in plan if p.method == "qlora"} == {"nf4"}
     assert len({p.run_dir for p in plan}) == 8
-    with pytest.raises(ConfigError, match="--method 'dora' is not allowed; choose from lora, qlora"):
-        sweep.plan_sweep(cfg, [8], ["dora"])
+    with pytest.raises(ConfigError, match="--method 'svd': 'svd' is not allowed; combine with '\\+' from lora, qlora"):
+        sweep.plan_sweep(cfg, [8], ["svd"])
+    with pytest.raises(ConfigError, match="two initialisations"):
+        sweep.plan_sweep(cfg, [8], ["pissa+olora"])
     with pytest.raises(ConfigError, match="--rank: 'x' is not a valid int"):
         sweep.parse_list("8,x", int, "--rank")
     with pytest.raises(ConfigError, match="repeats"):
         sweep.parse_list("8,8", int, "--rank")
     with pytest.raises(ConfigError, match="lora.r=0 is not allowed"):
         sweep.plan_sweep(cfg, [0], ["lora"])
+
+
+def test_methods_set_exactly_their_fields():
+    cfg = RunConfig(lora=LoraConfig(r=4, alpha=8.0, use_rslora=True, dropout=0.1),
+                    train=TrainConfig(output_dir="/tmp/x", neftune_alpha=3.0))
+    plan = {p.method: p.cfg for p in sweep.plan_sweep(cfg, [8], ["lora", "qlora+dora", "rslora+pissa", "olora+loraplus",
+                                                                 "neftune", "pissa_niter_4"])}
+    def fields(c):
+        return (c.model.quantization, c.lora.use_rslora, c.lora.use_dora, c.lora.init, c.train.loraplus_lr_ratio,
+                c.train.neftune_alpha)
+    assert fields(plan["lora"]) == (None, False, False, "default", 0.0, 0.0)
+    assert fields(plan["qlora+dora"]) == ("nf4", False, True, "default", 0.0, 0.0)
+    assert fields(plan["rslora+pissa"]) == (None, True, False, "pissa", 0.0, 0.0)
+    assert fields(plan["olora+loraplus"]) == (None, False, False, "olora", 16.0, 0.0)
+    assert fields(plan["neftune"]) == (None, False, False, "default", 0.0, 3.0)  # the config's alpha
+    assert plan["pissa_niter_4"].lora.init == "pissa_niter_4"
+    assert all(c.lora.dropout == 0.1 and c.lora.r == 8 for c in plan.values())  # the rest is the config's
+    from lorakit.config import to_dict
+    from lorakit.methods import method_of
+    assert [method_of(to_dict(c)) for c in plan.values()] == list(plan)  # names round-trip
+
+
+def test_sweep_compares_variant_methods(model_dir, data_file, tmp_path, capsys):
+    """One rank, five methods on the same data, split and seed; each run folder's config says its method."""
+    methods = ["lora", "dora", "qlora+pissa", "loraplus", "neftune+rslora"]
+    argv = sweep_argv(model_dir, data_file, tmp_path / "s")
+    argv[argv.index("--rank") + 1], argv[argv.index("--method") + 1] = "4", ",".join(methods)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    for m, shown in zip(methods, ["lora", "dora", "qlora (nf4)+pissa", "loraplus", "rslora+neftune"]):
+        assert f"| r4-{m} " in table and f" {shown} |" in table, (m, table)
+        saved = yaml.safe_load((tmp_path / "s" / f"r4-{m}" / "run_config.yaml").read_text())
+        assert saved["data"] == yaml.safe_load((tmp_path / "s" / "r4-lora" / "run_config.yaml").read_text())["data"]
+        assert saved["train"]["seed"] == 0
+    assert (tmp_path / "s" / "r4-qlora+pissa" / "adapter" / "as_lora" / "adapter_config.json").is_file()

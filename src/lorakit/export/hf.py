@@ -80,7 +80,11 @@ def read_adapter_tensors(path: str | Path) -> AdapterTensors:
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = read_adapter_config(path)  # raises for use_dora, rank_pattern, alpha_pattern, ...
+    config = read_adapter_config(path)  # raises for rank_pattern, alpha_pattern, ...
+    if config.use_dora or config.residual_init:
+        what = "DoRA (use_dora)" if config.use_dora else f"lora.init={config.init!r} (it applies to a residual base)"
+        raise ValueError(f"{path}: a {what} adapter is merged in memory, not tensor by tensor: run `lorakit merge` "
+                         "(which does so for it) and export the merged folder")
     file = path / WEIGHTS_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist (only safetensors adapters are read; lorakit never "

@@ -3,11 +3,24 @@
     adapter_config.json          peft_type "LORA", task_type "CAUSAL_LM", r, lora_alpha, ...
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   [r, in]
                                  base_model.model.<module path>.lora_B.weight   [out, r]
+                                 base_model.model.<module path>.lora_magnitude_vector [out] (DoRA)
+                                 base_model.model.<embedding>.lora_embedding_A  [r, vocab]
+                                 base_model.model.<embedding>.lora_embedding_B  [dim, r]
                                  base_model.model.<module path>.base_layer.bias (bias="lora_only"/"all")
                                  base_model.model.<module path>.weight          (modules_to_save)
 
 `peft.PeftModel.from_pretrained(base, folder)` loads what `save_adapter` writes, and
 `load_adapter` loads what PEFT writes.
+
+PiSSA / OLoRA (lora.init): `adapter/` is the adapter as trained, with `init_lora_weights: "pissa"`
+(or "olora", ...) in its config, as PEFT saves it: it applies to the *residual* base, which PEFT
+and lorakit both recompute from the original base when they load it (for a 4-bit base lorakit
+quantizes that residual, as in training). With lora.save_converted, `adapter/as_lora/` holds the
+same update as a plain rank-2r LoRA of the *original* base (PEFT's
+`path_initial_model_for_weight_conversion` output): A' = [A; A0], B' = [B, -B0], r' = 2r,
+alpha' = 2 alpha (sqrt(2) alpha with rsLoRA), init_lora_weights: true. It loads anywhere a LoRA does
+(vLLM, llama.cpp conversion, next to other adapters); on a 4-bit base it is not exact, since the
+quantized original is not the quantized residual plus A0 B0.
 """
 
 from __future__ import annotations
@@ -23,17 +36,19 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..utils.fs import output_folder
-from .inject import add_lora, lora_layers
+from .embedding import LoRAEmbedding
+from .inject import adapter_layers, add_lora, is_adapter_param, lora_layers
 from .layer import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> model nesting
+CONVERTED_DIR = "as_lora"  # <adapter>/as_lora/: a pissa/olora adapter as a plain LoRA of the original base
 
 # PEFT LoraConfig fields that only matter for features lorakit does not implement: a non-default
 # value is an error (loading would silently compute something else); the default is fine.
 _UNSUPPORTED_IF_SET = {
-    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
     "rank_pattern": {}, "alpha_pattern": {}, "loftq_config": {}, "trainable_token_indices": None,
     "target_parameters": None, "layer_replication": None, "use_qalora": False, "megatron_config": None,
     "alora_invocation_tokens": None, "eva_config": None, "corda_config": None, "arrow_config": None,
@@ -43,12 +58,31 @@ _KNOWN = {
     "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
     "bias", "use_rslora", "fan_in_fan_out", "modules_to_save", "base_model_name_or_path", "revision",
     "inference_mode", "init_lora_weights", "auto_mapping", "peft_version", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying", "lorakit_version",
+    "qalora_group_size", "ensure_weight_tying", "lorakit_version", "use_dora",
 }
 
 
+def peft_init_value(init: str):
+    """lora.init -> PEFT's init_lora_weights (True for "default")."""
+    return True if init == "default" else init
+
+
+def init_from_peft(value, file: Path) -> str:
+    """PEFT's init_lora_weights -> lora.init. Inits that leave the base as it is only decide the
+    starting weights, which loading replaces; those that rewrite the base must be reproduced."""
+    if value is True or value is False or value is None:
+        return "default"
+    from ..config import ConfigError, LoraConfig
+
+    try:
+        return LoraConfig(init=str(value)).init
+    except ConfigError:
+        raise ValueError(f"{file}: init_lora_weights={value!r} is a PEFT initialisation lorakit does not support "
+                         f"(allowed: true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora')") from None
+
+
 def adapter_config_dict(model: nn.Module, config: LoraConfig, base_model_name_or_path: Optional[str]) -> dict:
-    names = [n for n, _ in lora_layers(model)]
+    names = [n for n, _ in adapter_layers(model)]
     if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
         targets = config.target_modules  # a regex: PEFT applies it the same way
     else:
@@ -62,7 +96,7 @@ def adapter_config_dict(model: nn.Module, config: LoraConfig, base_model_name_or
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),
         "modules_to_save": sorted({n.split(".")[-1] for n in mts}) or None,
         "base_model_name_or_path": base_model_name_or_path,
-        "init_lora_weights": True, "inference_mode": True, "use_dora": False,
+        "init_lora_weights": peft_init_value(config.init), "inference_mode": True, "use_dora": config.use_dora,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "revision": None,
     }
@@ -76,9 +110,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable part of the model under PEFT's key names."""
     config: LoraConfig = model.lorakit_config
     out = {}
-    for name, layer in lora_layers(model):
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for name, layer in adapter_layers(model):
+        a_key, b_key = _ab_keys(layer)
+        out[f"{PREFIX}{name}.{a_key}"], out[f"{PREFIX}{name}.{b_key}"] = _ab(layer)
+        if layer.lora_magnitude_vector is not None:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        if isinstance(layer, LoRAEmbedding):
+            continue
         bias = getattr(layer.base_layer, "bias", None)
         if config.bias != "none" and bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = bias
@@ -94,9 +132,42 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu() for k, v in out.items()}
 
 
+def _ab_keys(layer) -> tuple[str, str]:
+    if isinstance(layer, LoRAEmbedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
+
+
+def _ab(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(layer, LoRAEmbedding):
+        return layer.lora_embedding_A, layer.lora_embedding_B
+    return layer.lora_A.weight, layer.lora_B.weight
+
+
+def converted_state_dict(model: nn.Module, tensors: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """The pissa/olora adapter as a plain LoRA of the original base (module docstring): per layer
+    A' = [A; A0] [2r, in], B' = [B, -B0] [out, 2r], so s B' A' = s (B A - B0 A0). `tensors`: the
+    adapter's own, when already gathered (adapter_state_dict)."""
+    out = dict(tensors) if tensors is not None else adapter_state_dict(model)
+    for name, layer in adapter_layers(model):
+        a_key, b_key = _ab_keys(layer)
+        a0, b0 = layer.initial_lora_A.detach().cpu(), layer.initial_lora_B.detach().cpu()
+        a, b = out[f"{PREFIX}{name}.{a_key}"], out[f"{PREFIX}{name}.{b_key}"]
+        out[f"{PREFIX}{name}.{a_key}"] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()   # [2r, in]
+        out[f"{PREFIX}{name}.{b_key}"] = torch.cat([b, -b0.to(b.dtype)], dim=1).contiguous()  # [out, 2r]
+    return out
+
+
+def converted_config_dict(cfg: dict) -> dict:
+    """PEFT's conversion: r' = 2r, alpha' keeps the scaling (2 alpha, or sqrt(2) alpha with rsLoRA)."""
+    alpha = cfg["lora_alpha"] * (2 ** 0.5 if cfg["use_rslora"] else 2)
+    return {**cfg, "r": 2 * cfg["r"], "lora_alpha": alpha, "init_lora_weights": True}
+
+
 def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: Optional[str] = None,
-                        tensors: Optional[dict] = None) -> None:
-    """Write the two adapter files into an existing folder (not atomic; see save_adapter); `tensors`:
+                        converted: bool = False, tensors: Optional[dict] = None) -> None:
+    """Write the two adapter files into an existing folder (not atomic; see save_adapter);
+    `converted`: the pissa/olora adapter as a plain LoRA of the original base; `tensors`:
     adapter_state_dict(model) when already computed (on every rank of a distributed run)."""
     from safetensors.torch import save_file
 
@@ -104,17 +175,27 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
         raise ValueError("this model has no lorakit adapters; call lorakit.add_lora first")
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     cfg = adapter_config_dict(model, model.lorakit_config, base)
-    save_file(tensors if tensors is not None else adapter_state_dict(model), str(Path(folder) / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    if converted:
+        tensors = converted_state_dict(model, tensors)
+    elif tensors is None:
+        tensors = adapter_state_dict(model)
+    if converted:
+        cfg = converted_config_dict(cfg)
+    Path(folder).mkdir(exist_ok=True)
+    save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
     (Path(folder) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: Optional[str] = None,
                  overwrite: bool = False, tensors: Optional[dict] = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors to `path` (a new or empty folder, or,
-    with `overwrite`, a previous lorakit adapter folder), atomically; see utils/fs.py."""
+    with `overwrite`, a previous lorakit adapter folder), atomically; see utils/fs.py. A pissa/olora
+    adapter also gets `as_lora/` (module docstring) unless lora.save_converted is false."""
+    config = getattr(model, "lorakit_config", None)
     with output_folder(path, "adapter", overwrite) as tmp:
-        write_adapter_files(model, tmp, base_model_name_or_path, tensors)
+        write_adapter_files(model, tmp, base_model_name_or_path, tensors=tensors)
+        if config is not None and config.residual_init and config.save_converted:
+            write_adapter_files(model, tmp / CONVERTED_DIR, base_model_name_or_path, converted=True, tensors=tensors)
     return Path(path)
 
 
@@ -142,6 +223,7 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
         target_modules=tuple(targets) if isinstance(targets, list) else targets,
         exclude_modules=_tuple_or(raw.get("exclude_modules")), modules_to_save=tuple(raw.get("modules_to_save") or ()),
         bias=raw.get("bias", "none"), use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora") or False), init=init_from_peft(raw.get("init_lora_weights", True), file),
     )
 
 
@@ -174,7 +256,7 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = True) -> 
         add_lora(model, LoraConfig(**{**config.__dict__, "target_modules": exact, "exclude_modules": None}))
     _copy_into(model, tensors, weights_file)
     for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or ".module." in name:
+        if is_adapter_param(name) or ".module." in name:
             p.requires_grad_(trainable)
     return model
 
@@ -200,7 +282,8 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path)
         if isinstance(m, ModulesToSave):
             for pname, p in m.module.named_parameters():
                 params[f"{name}.{pname}"] = p
-    expected = {f"{n}.lora_{ab}.weight" for n, _ in lora_layers(model) for ab in "AB"}
+    expected = {f"{n}.{key}" for n, layer in adapter_layers(model)
+                for key in _ab_keys(layer) + (("lora_magnitude_vector",) if layer.lora_magnitude_vector is not None else ())}
     absent = sorted(expected - set(tensors))
     if absent:
         raise ValueError(f"{source}: no weights for {absent[0]!r} ({len(absent)} missing); "

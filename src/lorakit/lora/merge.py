@@ -1,5 +1,13 @@
 """Merge adapters into the base weights: W' = W + scaling * B @ A, computed in fp32.
 
+The per-layer arithmetic is one function, `merged_weight` (plain tensors in, fp32 [out, in] out):
+
+    LoRA    W' = W + s B A
+    DoRA    W' = (m / ||W + s B A||_row) * (W + s B A)        (row-wise; the bias is unchanged)
+
+Embedding tables use it on W^T [dim, vocab] (lora/embedding.py's convention). A tied output head
+keeps the original table (what the adapted model computed), so merging unties it.
+
 4-bit layers are dequantized to fp32 first and come out as plain 16-bit `nn.Linear` layers;
 nothing is ever re-quantized here (re-quantizing is a separate, explicit step). The result is a
 plain transformers model with no lorakit module left, so `save_pretrained` writes a checkpoint
@@ -17,6 +25,7 @@ from torch import nn
 from ..model.lean import remove_lean
 from ..model.modules import compute_dtype_of, dense_weight, is_conv1d, replace_module
 from ..quant.linear4bit import Linear4bit
+from .embedding import LoRAEmbedding
 from .layer import LoRALinear, ModulesToSave
 
 
@@ -38,22 +47,48 @@ def dense_copy(layer: nn.Module, weight_out_in: torch.Tensor) -> nn.Module:
     return new.to(weight_out_in.device)
 
 
-def merged_weight(base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """THE per-layer merge arithmetic, shared by the in-memory merge (below) and the streaming
-    merge of a checkpoint on disk (export/hf.py), so both give the same bits:
-
-        W' = W + scaling * (B @ A)     in fp32
-        base [out, in] (fp32, already [out, in] for Conv1D), lora_A [r, in], lora_B [out, r] -> [out, in] fp32
-
-    The caller casts the result to the output dtype."""
-    delta = scaling * (lora_B.float() @ lora_A.float().to(lora_B.device))  # [out, r] @ [r, in] -> [out, in]
-    return base.float() + delta.to(base.device)
+def merged_weight(base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  magnitude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """THE per-layer merge arithmetic, shared by the in-memory merge (below) and the streaming merge
+    of a checkpoint on disk (export/hf.py), so both give the same bits: the adapted weight in fp32
+    [out, in] from base [out, in] (already [out, in] for Conv1D), lora_A [r, in], lora_B [out, r]
+    and, for DoRA, magnitude [out] (module docstring). The caller casts to the output dtype."""
+    w = base.float() + scaling * (lora_B.float().to(base.device) @ lora_A.float().to(base.device))  # [out, in]
+    if magnitude is None:
+        return w
+    norm = torch.linalg.vector_norm(w, dim=1)                           # [out]: ||W + s B A||_row (lora/dora.py)
+    return w * (magnitude.float().to(w.device) / norm)[:, None]         # [out, in] * [out, 1]
 
 
 def merged_layer_of(layer: LoRALinear) -> nn.Module:
-    """A plain layer computing base + LoRA: W + scaling * B @ A in fp32, cast to the base dtype."""
-    w = merged_weight(dense_weight(layer.base_layer), layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    """A plain layer computing base + LoRA (or DoRA) in fp32, cast to the base dtype."""
+    w = merged_weight(dense_weight(layer.base_layer), layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                      layer.lora_magnitude_vector)
     return dense_copy(layer.base_layer, w)
+
+
+def merged_embedding_of(layer: LoRAEmbedding) -> nn.Module:
+    """A copy of the base embedding module (same class, buffers such as embed_scale) holding the
+    merged table; the original table is not touched (a tied head keeps it)."""
+    import copy
+
+    base = layer.base_layer
+    w_t = merged_weight(base.weight.detach().t(), layer.lora_embedding_A, layer.lora_embedding_B, layer.scaling,
+                        layer.lora_magnitude_vector)                    # [dim, vocab]
+    table = nn.Parameter(w_t.t().contiguous().to(base.weight.dtype), requires_grad=False)  # [vocab, dim]
+    return copy.deepcopy(base, memo={id(base.weight): table})
+
+
+def _untie_head(model: nn.Module, table: torch.Tensor) -> None:
+    """A head that shares `table` with the adapted embedding keeps the original table; the config
+    must then say the two are separate, or save_pretrained / from_pretrained would tie them again."""
+    shares = any(m.weight is table for m in model.modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m, (nn.Embedding, LoRAEmbedding)))
+    config = getattr(model, "config", None)
+    if shares and config is not None:
+        for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,9 @@ def merge(model: nn.Module, verify: Optional[torch.Tensor] = None, max_kl: float
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             replace_module(model, name, module.merged_layer or merged_layer_of(module))
+        elif isinstance(module, LoRAEmbedding):
+            _untie_head(model, module.base_layer.weight)
+            replace_module(model, name, module.merged_layer or merged_embedding_of(module))
         elif isinstance(module, ModulesToSave):
             replace_module(model, name, module.module)
     for name, module in list(model.named_modules()):

@@ -20,6 +20,12 @@ tokens), with compute dtype of bc bytes and LoRA A/B of ab bytes:
                           (its cast back to bc, unless fp32) [+ heads*T*bc with Gemma-2 soft-capping]
     MLP                   3*I*bc (gate, act(gate), up)
 
+    DoRA (lora.use_dora)  per adapted layer d = W x' + s B A x' [out] in eb, kept for the magnitude's
+                          gradient, + out*(4 + eb) bytes per layer (the detached norm, fp32, and m/n - 1)
+    embedding LoRA        the token ids (int64), A^T[ids] [r] in eb (+ with DoRA the update's input,
+                          [hidden] in eb), + B^T in eb when eb != ab; and the first layer's inputs
+                          now need gradients (its first norm and A copies are saved as in later layers)
+
 plus, once: RoPE cos/sin [T, head_dim] x 2, the final norm, and the loss's supervised hidden rows
 (`train/loss.py`). With gradient checkpointing a layer keeps only its input (H*bc per token) and
 one layer at a time is recomputed in full during backward; with QLoRA each layer also keeps the
@@ -107,7 +113,34 @@ def _linear_inputs(shape: ModelShape, s, row: list[bool]) -> int:
             else:
                 total += t * width * ab
             total += t * s.rank * ab  # lora_A output, saved by lora_B
-    return total
+    return total + _dora_per_token(shape, s, row)
+
+
+def _dora_per_token(shape: ModelShape, s, row: list[bool]) -> int:
+    """DoRA: each adapted layer keeps d = W x' + s B A x' [out] in the branch dtype (lora/layer.py)."""
+    if not getattr(s, "use_dora", False) or s.method == "full":
+        return 0
+    return sum(out_f * s.branch_bytes for (_, _, out_f, _), on in zip(shape.linear_layers(), row) if on)
+
+
+def _dora_per_layer(shape: ModelShape, s, row: list[bool]) -> int:
+    """DoRA's per-layer (not per-token) saved tensors: the norm n [out] fp32 and m / n [out] in eb."""
+    if not getattr(s, "use_dora", False) or s.method == "full":
+        return 0
+    return sum(out_f * (4 + s.branch_bytes) for (_, _, out_f, _), on in zip(shape.linear_layers(), row) if on)
+
+
+def embedding_bytes(shape: ModelShape, s) -> int:
+    """What an adapted input embedding (lora/embedding.py) keeps for backward."""
+    from .estimate import embedding_adapted
+
+    if s.method == "full" or not embedding_adapted(shape, s.targets):
+        return 0
+    n, eb = s.batch_size * s.seq_len, s.branch_bytes
+    per_token = 8 + s.rank * eb + (shape.hidden * eb if s.use_dora else 0)
+    const = shape.hidden * s.rank * eb if eb != s.adapter_bytes else 0
+    const += shape.hidden * (4 + eb) if s.use_dora else 0
+    return n * per_token + const
 
 
 def _attention(shape: ModelShape, s) -> int:
@@ -125,12 +158,15 @@ def _attention(shape: ModelShape, s) -> int:
 
 def layer_bytes(shape: ModelShape, s, row: list[bool], first: bool) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
+    from .estimate import embedding_adapted
+
     n = s.batch_size * s.seq_len
+    first = first and not embedding_adapted(shape, s.targets)  # an adapted embedding's output needs grad
     norms = shape.norms_per_layer - (1 if first and s.method != "full" else 0)
     per_token = norms * norm_saved_per_token(shape, s) + _linear_inputs(shape, s, row) + _attention(shape, s)
     # gated MLP: gate output, act(gate) and up output; the lean MLP keeps gate and up only
     per_token += (2 if lean(shape, s, "mlp") else 3) * shape.intermediate * s.compute_bytes
-    return n * per_token + _branch_weight_copies(shape, s, row, first)
+    return n * per_token + _branch_weight_copies(shape, s, row, first) + _dora_per_layer(shape, s, row)
 
 
 def _replayed_per_token(shape: ModelShape, s, row: list[bool]) -> int:
@@ -164,6 +200,7 @@ def activation_bytes(shape: ModelShape, s, adapted: list[list[bool]]) -> dict:
     layers = [layer_bytes(shape, s, row, i == 0) for i, row in enumerate(adapted)]
     rope = 2 * s.seq_len * shape.head_dim * bc
     final = n * norm_saved_per_token(shape, s) + n_sup * loss_saved_per_row(shape, s)  # final norm, loss rows
+    final += embedding_bytes(shape, s)
     if s.grad_ckpt:  # each layer keeps its input (+ replayed frozen outputs); backward recomputes one layer at a time
         kept = sum(n * (shape.hidden * bc + _replayed_per_token(shape, s, row)) for row in adapted)
         recompute = max(layers)
@@ -195,10 +232,22 @@ def workspace_bytes(shape: ModelShape, s, adapted, act: dict, loss: int) -> dict
     backward = (4 if lean(shape, s, "mlp") else 2) * n * shape.intermediate * s.compute_bytes
     # a 4-bit weight is rebuilt in forward and again in backward; at either moment the layer's
     # gradient buffers are not yet (or no longer) live, so the two transients do not add up
-    layer_peak = act["recompute"] + max(dequant, backward)
+    layer_peak = act["recompute"] + max(dequant, backward) + dora_norm_bytes(shape, s, adapted)
     tables = lookup_table_bytes(s)
     return {"total": tables + max(0, layer_peak - loss), "layer_peak": layer_peak, "dequant": dequant,
-            "backward": backward, "lookup_tables": tables}
+            "backward": backward, "lookup_tables": tables, "dora_norm": dora_norm_bytes(shape, s, adapted)}
+
+
+def dora_norm_bytes(shape: ModelShape, s, adapted) -> int:
+    """Transient bytes of DoRA's low-rank weight norm (lora/dora.py) for the widest adapted layer:
+    W A^T [r, out] from the base's forward on A (in bc) and its fp32 copy, A A^T, B (A A^T) [out, r]
+    and three [out] fp32 vectors. No [out, in] matrix: a 4-bit base's dequantized weight is the
+    same transient as in its forward (counted in `dequant`)."""
+    if not getattr(s, "use_dora", False) or s.method == "full":
+        return 0
+    r = s.rank
+    outs = [out_f for row in adapted for (_, _, out_f, _), on in zip(shape.linear_layers(), row) if on] or [0]
+    return max(r * o * (s.compute_bytes + 4 + 4) + r * r * 4 + 3 * o * 4 for o in outs)
 
 
 def lookup_table_bytes(s) -> int:

@@ -93,6 +93,13 @@ class Settings:
     """CPU: the frozen input embedding is a copy-on-write map of its file (model.mmap_embeddings), so
     it is not allocated and only the rows a batch looks up become resident (untied embeddings only:
     a tied head reads every row)."""
+    use_dora: bool = False
+    """DoRA (lora.use_dora): a trainable magnitude [out] per adapted layer and a cached ||W||^2 row
+    [out] fp32; in training each adapted layer keeps its direction output [tokens, out] for the
+    magnitude's gradient (memory/activations.py)."""
+    residual_init: bool = False
+    """lora.init pissa/olora: each adapted layer keeps its initial A0, B0 (buffers, for the
+    plain-LoRA conversion of lora/io.py)."""
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -162,6 +169,16 @@ class Estimate:
 # ---------------------------------------------------------------- which layers, how stored
 
 
+EMBEDDING_NAMES = ("model.embed_tokens", "transformer.wte")  # the input embedding, as the supported families name it
+
+
+def embedding_adapted(shape: ModelShape, targets) -> bool:
+    """Does lora.target_modules name the input embedding (lora/embedding.py)? Never for all-linear."""
+    from ..model.targets import ALL_LINEAR, name_matches
+
+    return targets != ALL_LINEAR and any(name_matches(n, targets) for n in EMBEDDING_NAMES)
+
+
 def adapted_layers(shape: ModelShape, targets) -> list[list[bool]]:
     """Per decoder layer, per entry of shape.linear_layers(): is it a LoRA target? Names are
     matched as `model.layers.{i}.{name}` with lora.target_modules semantics."""
@@ -171,7 +188,7 @@ def adapted_layers(shape: ModelShape, targets) -> list[list[bool]]:
     if targets == ALL_LINEAR:
         return [[True] * len(names) for _ in range(shape.layers)]
     out = [[name_matches(f"model.layers.{i}.{n}", targets) for n in names] for i in range(shape.layers)]
-    if not any(any(row) for row in out):
+    if not any(any(row) for row in out) and not embedding_adapted(shape, targets):
         raise ValueError(f"targets={targets!r} matches no linear layer; this model's layers are named "
                          f"{', '.join(n.split('.')[-1] for n in names)} (or use 'all-linear')")
     return out
@@ -211,7 +228,6 @@ def _weights(shape: ModelShape, s: Settings, adapted: list[list[bool]]) -> dict:
     head = 0 if shape.tied else shape.vocab * h
     mapped = s.mmap_embeddings and s.device == "cpu" and not shape.tied and s.method != "full"
     embed = 0 if mapped else shape.vocab * h  # a mapped embedding is file pages, not allocated memory
-    dense_other = embed + head + (shape.layers * shape.norms_per_layer + 1) * h  # embed, head, norms
     rotary = 2 * (shape.head_dim // 2) * 4  # inv_freq + original_inv_freq buffers, fp32
     frozen = rotary
     if s.method == "full":  # fp32 master weights train; a compute-dtype copy runs forward/backward
@@ -233,11 +249,21 @@ def _weights(shape: ModelShape, s: Settings, adapted: list[list[bool]]) -> dict:
                 params += out_f * in_f * bc
             params += out_f * bc if bias else 0
             if is_target:
-                trainable_sizes += [s.rank * in_f, out_f * s.rank]
+                trainable_sizes += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.use_dora else [])
+                quant_states += _variant_buffers(in_f, out_f, s)  # buffers too: replicated
         layer_params.append(params)
+    if embedding_adapted(shape, s.targets):  # A [r, vocab], B [hidden, r] (+ m [hidden])
+        trainable_sizes += [s.rank * shape.vocab, h * s.rank] + ([h] if s.use_dora else [])
+        root += _variant_buffers(shape.vocab, h, s)
     return {"frozen": root + quant_states + sum(layer_params), "trainable": sum(trainable_sizes) * ab,
             "trainable_sizes": trainable_sizes, "grad_bytes": ab, "root": root, "quant_states": quant_states,
             "layer_params": layer_params}
+
+
+def _variant_buffers(in_f: int, out_f: int, s: Settings) -> int:
+    """Non-trainable buffers of one adapted layer: DoRA's ||W||^2 row (fp32 [out]) and, with a
+    pissa/olora init, the initial A0 [r, in] and B0 [out, r] in the adapter dtype."""
+    return (4 * out_f if s.use_dora else 0) + (s.rank * (in_f + out_f) * s.adapter_bytes if s.residual_init else 0)
 
 
 def _full_tensor_sizes(shape: ModelShape) -> list[int]:

@@ -91,15 +91,18 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
     """load_model + training set-up + add_lora + optimizer, in the order finetune() uses; returns
     (TrainStep, trainable params, optimizer)."""
     from ..config import LoraConfig
+    from ..lora.init import weight_preparer
     from ..lora.inject import add_lora
     from ..model.load import load_model
     from ..train.optim import build_optimizer
     from ..train.setup import FastPaths, prepare_for_training
     from ..train.step import TrainStep
 
+    lora = LoraConfig(r=s.rank, alpha=2.0 * s.rank, dropout=s.lora_dropout, target_modules=s.targets,
+                      use_dora=s.use_dora, init="pissa_niter_2" if s.residual_init else "default")
     model, _ = load_model(str(folder), quantization="nf4" if s.method == "qlora" else None,
                           double_quant=s.double_quant, compute_dtype=s.dtype, blocksize=s.blocksize,
-                          device=device, load_tokenizer=False,
+                          device=device, load_tokenizer=False, prepare=weight_preparer(lora),
                           # allocator bytes are what is measured, and the planner counts the embedding
                           # as held memory (as on CUDA); a file-mapped one would be invisible here
                           mmap_embeddings=False)
@@ -111,7 +114,7 @@ def _prepare(folder: Path, s: Settings, device: torch.device):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        add_lora(model, LoraConfig(r=s.rank, alpha=2.0 * s.rank, dropout=s.lora_dropout, target_modules=s.targets))
+        add_lora(model, lora)
     step = TrainStep(model, s.loss_chunk_size, fused_loss=fast.fused_loss).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return step, params, build_optimizer(params, s.optimizer, lr=1e-4)
@@ -238,6 +241,9 @@ GRID = [  # (LoRA and QLoRA; checkpointing on and off; seq 128..1024; four optim
     MeasureCase("large-lora-ckpt-1024", LARGE, Settings("lora", 1024, 1, rank=16, grad_ckpt=True, device="cpu")),
     MeasureCase("large-qlora-8bit-1024", LARGE, Settings("qlora", 1024, 1, rank=16, optimizer="adamw_8bit", device="cpu")),
     MeasureCase("large-qlora-ckpt-paged32", LARGE, Settings("qlora", 512, 2, rank=16, grad_ckpt=True, optimizer="paged_adamw_32bit", device="cpu")),
+    # DoRA (lora.use_dora) with a pissa residual init (its A0 / B0 buffers), 16-bit and 4-bit base
+    MeasureCase("small-dora-pissa-bf16", SMALL, Settings("lora", 256, 2, rank=16, dtype="bf16", device="cpu", use_dora=True, residual_init=True)),
+    MeasureCase("small-qdora-ckpt", SMALL, Settings("qlora", 256, 2, rank=16, grad_ckpt=True, device="cpu", use_dora=True)),
 ]
 
 

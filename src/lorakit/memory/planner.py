@@ -197,7 +197,8 @@ def settings_for_run(cfg, model=None, precision=None, seq_len: Optional[int] = N
         fused_loss=m.fast_paths, optimizer=t.optimizer, dtype=dtype_name, loss_chunk_size=t.loss_chunk_size,
         device=device, attn_impl=attn, quant_type=m.quantization or "nf4", double_quant=m.double_quant,
         blocksize=m.blocksize, skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout),
-        adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype, mmap_embeddings=m.mmap_embeddings)
+        adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype, mmap_embeddings=m.mmap_embeddings,
+        use_dora=lo.use_dora, residual_init=lo.residual_init)
 
 
 @dataclass(frozen=True)

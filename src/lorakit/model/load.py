@@ -15,6 +15,12 @@ quantized there (quant/kernels' Triton kernel, else the reference) and dropped: 
 16-bit tensor (the largest is the embedding or head: 1 GB for Llama-3-8B), the GPU the 4-bit model
 plus one 16-bit weight and its quantization temporaries. The bytes equal a CPU load's.
 
+A weight preparer (`prepare`, the WeightPreparer protocol below; lora/init.py ResidualInit for
+PiSSA / OLoRA) may rewrite the weights of the layers it selects as they arrive, before they are
+quantized or cast: then the residual W - s B0 A0 is what a 4-bit base stores, computed from the
+16-bit tensor while it is the only one in memory. The loader keeps the preparer on the model
+(`model.lorakit_prepared`) for add_lora, which takes the factors it recorded.
+
 On CPU the frozen input embedding is not read at all (`mmap_embeddings`): it is a copy-on-write
 memory map of its bytes in the safetensors file, so only the pages of rows the model looks up
 become resident (writes, if any, go to private pages; the file never changes).
@@ -27,7 +33,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -42,6 +48,17 @@ from .modules import is_conv1d, is_linear, replace_module
 from .targets import name_matches, output_head_names
 
 log = logging.getLogger(__name__)
+PREPARED_ATTR = "lorakit_prepared"  # where load_from_config leaves its weight preparer (read by add_lora)
+
+
+class WeightPreparer(Protocol):
+    """Rewrites selected linear weights as they stream in (module docstring)."""
+
+    def select(self, model: nn.Module) -> set[str]:
+        """Names of the linear layers to rewrite, chosen on the (meta) model skeleton."""
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """weight [out, in] as read (on the target device) -> the weight to store [out, in]."""
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -118,16 +135,17 @@ def load_model(name_or_path: str, quantization: Optional[str] = None, double_qua
                compute_dtype: Union[str, torch.dtype] = "auto", blocksize: int = 64,
                skip_modules: tuple[str, ...] = ("lm_head",), trust_remote_code: bool = False,
                device: Union[str, torch.device, None] = None, load_tokenizer: bool = True,
-               mmap_embeddings: bool = True):
+               mmap_embeddings: bool = True, prepare: Optional[WeightPreparer] = None):
     """Load (model, tokenizer) from a local folder or hub id; `quantization` "nf4"/"fp4" stores the
     target Linear weights in 4 bits as they are read; `mmap_embeddings` maps the input embedding
-    from the file on CPU (module docstring). The model is returned in eval mode with every
-    parameter frozen (add_lora decides what trains). The public form of `load_from_config`."""
+    from the file on CPU; `prepare` rewrites selected weights first (module docstring). The model
+    is returned in eval mode with every parameter frozen (add_lora decides what trains). The
+    public form of `load_from_config`."""
     cfg = ModelConfig(name_or_path=name_or_path, quantization=quantization, double_quant=double_quant,
                       blocksize=blocksize, skip_modules=skip_modules, trust_remote_code=trust_remote_code,
                       mmap_embeddings=mmap_embeddings)
     device = default_device(device)
-    return load_from_config(cfg, resolve_dtype(compute_dtype, device), device, load_tokenizer)
+    return load_from_config(cfg, resolve_dtype(compute_dtype, device), device, load_tokenizer, prepare)
 
 
 def default_device(device: Union[str, torch.device, None] = None) -> torch.device:
@@ -137,8 +155,10 @@ def default_device(device: Union[str, torch.device, None] = None) -> torch.devic
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_from_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_tokenizer: bool = True):
-    """(model, tokenizer) for `cfg` (model.* of a RunConfig) in compute dtype `dtype` on `device`."""
+def load_from_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_tokenizer: bool = True,
+                     prepare: Optional[WeightPreparer] = None):
+    """(model, tokenizer) for `cfg` (model.* of a RunConfig) in compute dtype `dtype` on `device`;
+    `prepare`: a WeightPreparer (module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_model_path(cfg.name_or_path)
@@ -158,7 +178,13 @@ def load_from_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
         stored = quantized_checkpoint.StoredQuantizedLayers(stored_info, dtype, device)
     else:
         targets = quantize_targets(model, cfg.skip_modules) if cfg.quantization else set()
-    _fill_from_checkpoint(model, folder, targets, cfg, dtype, device, stored)
+    if prepare is not None and stored is not None:
+        raise ValueError(f"{folder} holds already-quantized 4-bit weights; a weight preparer (lora.init pissa/olora) "
+                         f"needs the 16-bit checkpoint the quantized one was made from")
+    prepared = prepare.select(model) if prepare is not None else set()
+    _fill_from_checkpoint(model, folder, targets, cfg, dtype, device, stored, (prepare, prepared))
+    if prepare is not None:
+        setattr(model, PREPARED_ATTR, prepare)
     model.eval()
     model.config._name_or_path = cfg.name_or_path
     tokenizer = load_tokenizer_for(folder, cfg.trust_remote_code) if load_tokenizer else None
@@ -166,9 +192,12 @@ def load_from_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
 
 
 def _fill_from_checkpoint(model: nn.Module, folder: Path, targets: set[str], cfg: ModelConfig, dtype: torch.dtype,
-                          device: torch.device, stored: Optional[quantized_checkpoint.StoredQuantizedLayers] = None) -> None:
-    """Read every checkpoint tensor into the meta skeleton, one at a time: target weights become
-    Linear4bit layers as they arrive, the rest is cast to `dtype` and put in place."""
+                          device: torch.device, stored: Optional[quantized_checkpoint.StoredQuantizedLayers] = None,
+                          preparer: tuple = (None, frozenset())) -> None:
+    """Read every checkpoint tensor into the meta skeleton, one at a time: prepared weights are
+    rewritten first, target weights become Linear4bit layers as they arrive, the rest is cast to
+    `dtype` and put in place."""
+    prepare, prepared = preparer
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unexpected = []
     mapped = frozenset(_input_embedding_names(model)) if cfg.mmap_embeddings and device.type == "cpu" else frozenset()
@@ -184,6 +213,11 @@ def _fill_from_checkpoint(model: nn.Module, folder: Path, targets: set[str], cfg
                     continue
                 expected.discard(name)
                 module_name, _, attr = name.rpartition(".")
+                if module_name in prepared and attr == "weight":
+                    conv = is_conv1d(model.get_submodule(module_name))
+                    w = prepare(module_name, (tensor.t() if conv else tensor).to(device))  # [out, in]
+                    w = w.to(tensor.dtype)         # stored (or quantized) from the file's dtype, as without a preparer
+                    tensor = w.t() if conv else w  # back in the file's layout (Conv1D: [in, out])
                 if module_name in targets and attr == "weight":
                     old = model.get_submodule(module_name)  # meta skeleton; its bias may already be real
                     if is_conv1d(old):  # GPT-2 Conv1D stores W^T: [in, out] -> [out, in]

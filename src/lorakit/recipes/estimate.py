@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
                         help="gated MLPs keep only their gate and up outputs for backward, RMSNorms their "
                              "input as it is (default on; model.lean_activations)")
+    parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False,
+                        help="DoRA (lora.use_dora): magnitudes and each adapted layer's direction output (default off)")
+    parser.add_argument("--residual-init", action=argparse.BooleanOptionalAction, default=False,
+                        help="lora.init pissa/olora: the initial A0 / B0 kept per layer (default off)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (default bf16)")
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="rows per cross-entropy chunk (default 1024)")
@@ -68,7 +72,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                     targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, lean_activations=args.lean_activations, optimizer=args.optimizer, dtype=args.dtype,
                     loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "",
-                    world_size=args.gpus, strategy=args.strategy)
+                    world_size=args.gpus, strategy=args.strategy, use_dora=args.dora,
+                    residual_init=args.residual_init)
 
 
 def format_table(est: Estimate) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args
 from ..data import build_examples, load_records, pad_token_id, split_records, stats_text
+from ..lora.init import weight_preparer
 from ..lora.inject import add_lora, format_trainable
 from ..memory.planner import MemoryPrediction, parse_size, plan_micro_batch, predict_run_memory, settings_for_run
 from ..model.load import load_from_config
@@ -76,7 +77,9 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwr
     precision = run_precision(cfg, device)
     fast = FastPaths.from_config(cfg.model)
     with fast.kernel_scope():
-        model, tokenizer = load_from_config(cfg.model, precision.compute_dtype, device)
+        # lora.init pissa/olora: the residual is computed as each 16-bit weight loads (and quantized)
+        model, tokenizer = load_from_config(cfg.model, precision.compute_dtype, device,
+                                            prepare=weight_preparer(cfg.lora))
         if tokenizer is None:
             raise FileNotFoundError(f"{cfg.model.name_or_path}: no tokenizer files; training needs the model's tokenizer")
         applied = prepare_for_training(model, cfg.model.gradient_checkpointing, fast)

@@ -148,10 +148,14 @@ def trained_template(adapter: Optional[str], default: str) -> str:
 
 def load_for_inference(args: argparse.Namespace):
     """(model in eval mode, tokenizer) from add_model_arguments' flags."""
-    from ..lora.io import load_adapter
+    from ..lora.init import weight_preparer
+    from ..lora.io import load_adapter, read_adapter_config
     from ..model.load import load_model
 
-    model, tokenizer = load_model(args.model, quantization=args.quantization, compute_dtype=args.precision)
+    adapter = getattr(args, "adapter", None)
+    prepare = weight_preparer(read_adapter_config(adapter)) if adapter else None  # pissa/olora: the residual base
+    model, tokenizer = load_model(args.model, quantization=args.quantization, compute_dtype=args.precision,
+                                  prepare=prepare)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer files")
     if getattr(args, "adapter", None):

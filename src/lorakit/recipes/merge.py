@@ -10,10 +10,12 @@ Two paths, the same bits (tests/export/test_merge_stream.py):
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 
-from ..lora.io import load_adapter
+from ..lora.init import weight_preparer
+from ..lora.io import load_adapter, read_adapter_config
 from ..lora.merge import MergeReport, merge
 from ..model.load import load_model
 from ..model.modules import model_device
@@ -24,15 +26,29 @@ VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronau
                "question: what is 12 * 7? answer: 84.")
 
 
-def streams(model_path: str, quantization: Optional[str], verify: bool) -> bool:
+def streams(model_path: str, quantization: Optional[str], verify: bool, adapter: Optional[str] = None) -> bool:
     """Whether `lorakit merge` takes the streaming path: a 16-bit safetensors base, no --verify,
-    no --quantization."""
+    no --quantization, and a plain LoRA adapter (DoRA, pissa/olora residual bases and embedding
+    LoRA merge in memory)."""
     from ..model import quantized_checkpoint
     from ..model.load import resolve_model_path
 
     if verify or quantization is not None:
         return False
+    if adapter is not None:
+        config = read_adapter_config(adapter)
+        if config.use_dora or config.residual_init or _adapts_embeddings(adapter):
+            return False
     return quantized_checkpoint.read_quantization_info(resolve_model_path(model_path)) is None
+
+
+def _adapts_embeddings(adapter: str) -> bool:
+    from safetensors import safe_open
+
+    from ..lora.io import WEIGHTS_NAME
+
+    with safe_open(str(Path(adapter) / WEIGHTS_NAME), framework="pt") as f:
+        return any("lora_embedding" in k for k in f.keys())
 
 
 def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optional[str] = None,
@@ -43,7 +59,10 @@ def merge_to_folder(model_path: str, adapter: str, out: str, quantization: Optio
     `out`: a new or empty folder, or with `overwrite` a previous merge output (utils/fs.py)."""
     protect = [(model_path, "the base model's folder (--model)"), (adapter, "the adapter folder (--adapter)")]
     check_output_folder(out, "merge", overwrite, protect=protect)  # before minutes of loading, not after
-    model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision)
+    # a pissa/olora adapter applies to the residual base: computed from the 16-bit weights as they
+    # load, and that residual is what --quantization quantizes, as in training (lora/init.py)
+    prepare = weight_preparer(read_adapter_config(adapter))
+    model, tokenizer = load_model(model_path, quantization=quantization, compute_dtype=precision, prepare=prepare)
     load_adapter(model, adapter, trainable=False)
     sample = None
     if verify:
@@ -78,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if streams(args.model, args.quantization, args.verify):
+    if streams(args.model, args.quantization, args.verify, args.adapter):
         from ..dtypes import to_dtype
         from ..export.hf import stream_merge
 

@@ -2,12 +2,18 @@
 
     lorakit quant-report --model PATH [--methods nf4,fp4,int4] [--blocksize 64]
                          [--double-quant | --no-double-quant] [--text FILE] [--max-tokens 512] [--json]
+                         [--pissa-rank R [--init pissa|pissa_niter_N|olora]]
 
 Loads the model in 16 bits (computed in fp32 by default, so the 16-bit weights are exact), then for
 each method quantizes a copy of every linear layer but the output head and reports, via
 lorakit.quant.report: per-layer and total weight reconstruction error, bits per stored weight,
 KL(16-bit || 4-bit) of the next-token distributions and the perplexity change on a sample text
 (the built-in one below unless --text), plus the memory the quantized layers take in each format.
+
+With --pissa-rank R it also reports QLoRA + PiSSA (lora.init pissa/olora with a 4-bit base): each
+layer keeps its principal rank-R part exactly (s B0 A0, lora/init.py) and only the residual
+W - s B0 A0 is quantized, so the weight error is ||W_res - Q(W_res)|| instead of ||W - Q(W)||;
+relative errors are taken against ||W|| in both tables, so the numbers compare directly.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from ..quant.report import METHODS
 
@@ -48,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="print the per-layer error table (default on; JSON always has it)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    parser.add_argument("--pissa-rank", type=int, default=0, metavar="R",
+                        help="also report QLoRA + PiSSA: the rank-R principal part kept exact, only the residual "
+                             "quantized (the LoRA rank you would train with; default 0 = off)")
+    parser.add_argument("--init", default="pissa", help="the residual init for --pissa-rank: pissa, pissa_niter_N or "
+                                                        "olora (as lora.init; default pissa)")
     return parser
 
 
@@ -96,7 +110,64 @@ def build_report(args: argparse.Namespace, methods: list[str]) -> dict:
                   mb_16bit=n_weights * 2 / 2**20)
     for r in report["methods"].values():
         r["mb"] = n_weights * r["total"]["bits_per_weight"] / 8 / 2**20
+    if getattr(args, "pissa_rank", 0):
+        report["residual"] = residual_report(model, input_ids, methods, args)
     return report
+
+
+class _PlusLowRank(nn.Module):
+    """base(x) + x @ A^T @ B^T with A [r, in], B [out, r] as plain tensors (not nn.Linear, so the
+    quantization report quantizes only `base`, the residual)."""
+
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_A", lora_A.to(base.weight.dtype))
+        self.register_buffer("lora_B", lora_B.to(base.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()  # [..., r] -> [..., out]
+
+
+def residual_report(model, input_ids, methods, args) -> dict:
+    """The same report for a copy whose linear layers (not the head) are residual + exact rank-R
+    part: quant.report quantizes only the residuals. rel_error is re-expressed against ||W||."""
+    import copy
+
+    from ..config import LoraConfig
+    from ..lora.init import residual_factors, residual_of
+    from ..model.modules import replace_module
+    from ..quant.report import model_report
+
+    LoraConfig(r=args.pissa_rank, init=args.init)  # validates the rank and the init name
+    if not LoraConfig(init=args.init).residual_init:
+        raise ValueError(f"--init={args.init!r}: use pissa, pissa_niter_N or olora with --pissa-rank")
+    res_model = copy.deepcopy(model)
+    norms = {}
+    for name, module in list(res_model.named_modules()):
+        if isinstance(module, nn.Linear) and name.split(".")[-1] != "lm_head":
+            w = module.weight.detach().clone()  # the original W (the module's weight becomes the residual)
+            a, b = residual_factors(w, args.pissa_rank, 1.0, args.init, name)
+            with torch.no_grad():
+                module.weight.copy_(residual_of(w, a, b, 1.0).to(w.dtype))
+            replace_module(res_model, name, _PlusLowRank(module, a, b))
+            norms[name] = float(w.float().pow(2).sum())
+    report = model_report(res_model, input_ids, methods, args.blocksize, args.double_quant)
+    for m, r in report["methods"].items():
+        layers = {n.removesuffix(".base"): v for n, v in r["layers"].items()}
+        sq = 0.0
+        for n, v in layers.items():
+            numel = _numel(model, n)
+            v["rel_error"] = (v["mse"] * numel / norms[n]) ** 0.5
+            sq += v["mse"] * numel
+        r["layers"] = layers
+        r["total"]["rel_error"] = (sq / sum(norms.values())) ** 0.5
+    report.update(init=args.init, rank=args.pissa_rank)
+    return report
+
+
+def _numel(model, name: str) -> int:
+    return model.get_submodule(name).weight.numel()
 
 
 def _linear_weight_count(model) -> int:
@@ -120,6 +191,16 @@ def format_text(report: dict, per_layer: bool = True) -> str:
         lines.append(f"  {method}: {_mb(r['mb'])} ({r['total']['bits_per_weight']:.3f} bits/weight, "
                      f"{report['mb_16bit'] / r['mb']:.2f}x smaller), KL {r['kl']:.2e} nats/token, "
                      f"perplexity {rel_ppl:+.2f}%")
+    res = report.get("residual")
+    if res is not None:
+        lines += ["", f"QLoRA + {res['init']} (rank {res['rank']}): the principal part stays exact in the adapter, "
+                      f"only the residual is quantized (relative errors against the original W):"]
+        for method, r in res["methods"].items():
+            plain = report["methods"][method]
+            lines.append(f"  {method}: rel_err {plain['total']['rel_error']:.4f} -> {r['total']['rel_error']:.4f}, "
+                         f"KL {plain['kl']:.2e} -> {r['kl']:.2e} nats/token, perplexity "
+                         f"{100 * plain['ppl_delta'] / report['base_ppl']:+.2f}% -> "
+                         f"{100 * (r['ppl'] - report['base_ppl']) / report['base_ppl']:+.2f}%")
     return "\n".join(lines)
 
 

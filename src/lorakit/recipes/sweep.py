@@ -1,6 +1,8 @@
 """`lorakit sweep`: train the same config at several ranks / methods / learning rates and compare.
 
-    plan      one RunConfig per (method, rank, lr): same data, split, seed and steps; alpha = ratio * r
+    plan      one RunConfig per (method, rank, lr): same data, split, seed and steps; alpha = ratio * r;
+              a method ("lora", "qlora", "dora", "qlora+pissa", "loraplus", ...) sets the variant
+              fields of config.with_method, everything else is the config's
     train     sequentially, in this process; a finished run folder is reused, an interrupted one
               resumes from its newest checkpoint (or restarts when it has none)
     compare   a table read back from each run's metrics.jsonl, the best run and why, two plots,
@@ -29,12 +31,13 @@ from typing import Callable, Optional, Sequence
 
 
 from ..config import ConfigError, RunConfig, add_run_arguments, config_from_args, to_dict
+from ..methods import METHOD_PARTS, method_of, parse_method, with_method
 from ..report.summary import RunSummary, end_event, fmt_num, format_table, read_config, summarize_run
 from ..train.log import read_metrics
 from ..utils.fs import atomic_file, claim_folder
 
 log = logging.getLogger("lorakit")
-METHODS = ("lora", "qlora")
+METHODS = METHOD_PARTS  # combined with "+" (config.parse_method)
 MANIFEST = "sweep.json"
 # What a sweep writes into its folder besides its run folders (utils/fs.py manifest entries).
 SWEEP_FILES = (MANIFEST, "sweep_table.md", "val_loss.svg", "best_val_vs_rank.svg", "report.html", ".*.tmp-*")
@@ -85,25 +88,23 @@ def parse_list(text: str, kind: Callable, option: str) -> list:
 
 def plan_sweep(cfg: RunConfig, ranks: Sequence[int], methods: Sequence[str], alpha_ratio: Optional[float] = None,
                lrs: Optional[Sequence[float]] = None, sweep_dir: Optional[str | os.PathLike] = None) -> list[PlannedRun]:
-    """One config per (method, rank, lr); only lora.r/alpha, model.quantization, train.lr and output_dir vary."""
+    """One config per (method, rank, lr); only lora.r/alpha, train.lr, output_dir and the method's
+    fields (config.with_method) vary."""
     for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--method {m!r} is not allowed; choose from {', '.join(METHODS)}")
+        parse_method(m)
     if alpha_ratio is not None and not alpha_ratio > 0:
         raise ConfigError(f"--alpha-ratio={alpha_ratio!r} is not allowed; it must be > 0")
     ratio = alpha_ratio if alpha_ratio is not None else cfg.lora.alpha / cfg.lora.r  # keep the config's alpha/r
     lrs = list(lrs) if lrs else [cfg.train.lr]
     root = Path(sweep_dir or cfg.train.output_dir)
-    quant = cfg.model.quantization or "nf4"  # qlora = the config's 4-bit type, NF4 as in QLoRA by default
     plan = []
     for lr in lrs:
         for method in methods:
             for r in ranks:
                 name = f"r{r}-{method}" + (f"-lr{lr:g}" if len(lrs) > 1 else "")
                 run = replace(cfg, lora=replace(cfg.lora, r=r, alpha=float(ratio * r)),
-                              model=replace(cfg.model, quantization=quant if method == "qlora" else None),
                               train=replace(cfg.train, lr=lr, output_dir=str(root / name)))
-                plan.append(PlannedRun(name, method, run))
+                plan.append(PlannedRun(name, method, with_method(run, method)))  # qlora: the config's 4-bit type or NF4
     return plan
 
 
@@ -306,8 +307,12 @@ def run_sweep(cfg: RunConfig, ranks: Sequence[int], methods: Sequence[str] = ("l
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     p.add_argument("--rank", required=True, metavar="R1,R2,..", help="LoRA ranks to compare, comma-separated, e.g. 8,16,32")
-    p.add_argument("--method", default=None, metavar="lora,qlora", help="lora, qlora or lora,qlora (qlora = 4-bit base, NF4 unless the "
-                   "config says fp4) [default: the config's]")
+    p.add_argument("--method", default=None, metavar="lora,dora,..", help="methods to compare, comma-separated; each "
+                   f"is parts joined by '+' from {', '.join(METHODS)} (e.g. lora,qlora,dora,qlora+pissa,loraplus): "
+                   "qlora = 4-bit base (NF4 unless the config says fp4), rslora / dora / pissa / olora / gaussian = "
+                   "lora.use_rslora / use_dora / init, loraplus = train.loraplus_lr_ratio (the config's or 16), "
+                   "neftune = train.neftune_alpha (the config's or 5); a method sets exactly these fields "
+                   "(docs/methods.md) [default: the config's own]")
     p.add_argument("--alpha-ratio", type=float, default=None, metavar="RATIO",
                    help="alpha = ratio * r for every run [default: the config's alpha / r]")
     p.add_argument("--lr", default=None, metavar="LR1,LR2,..", help="learning rates to compare, comma-separated [default: the config's]")
@@ -321,7 +326,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     cfg = config_from_args(args)
     ranks = parse_list(args.rank, int, "--rank")
-    methods = parse_list(args.method, str, "--method") if args.method else ["qlora" if cfg.model.quantization else "lora"]
+    methods = parse_list(args.method, str, "--method") if args.method else [method_of(to_dict(cfg))]
     lrs = parse_list(args.lr, float, "--lr") if args.lr else None
     try:
         res = run_sweep(cfg, ranks, methods, args.alpha_ratio, lrs, args.out, args.restart,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..methods import method_of as config_method
 from ..train.log import read_metrics
 from ..utils.fs import atomic_file
 
@@ -57,6 +58,7 @@ class RunSummary:
     alpha: Optional[float]
     lr: Optional[float]
     quantization: Optional[str]
+    method: Optional[str] = None  # config.method_of: "lora", "qlora+dora", "pissa+loraplus", ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,7 +163,7 @@ def summarize_run(run_dir: str | os.PathLike, name: Optional[str] = None) -> Run
         memory_figure=_memory_figure(end, info),
         trainable_params=trainable, adapter_bytes=folder_bytes(run_dir / "adapter"),
         reason=end.get("reason", "unfinished"), r=lora.get("r"), alpha=lora.get("alpha"), lr=train.get("lr"),
-        quantization=model.get("quantization"),
+        quantization=model.get("quantization"), method=config_method(cfg) if cfg else None,
     )
 
 
@@ -191,7 +193,9 @@ def fmt_num(v: Any, spec: str = ".4f") -> str:
 
 
 def method_of(s: RunSummary) -> str:
-    return f"qlora ({s.quantization})" if s.quantization else "lora"
+    """The run's method ('lora', 'qlora+dora', ...: config.method_of), with its 4-bit type."""
+    method = s.method or ("qlora" if s.quantization else "lora")
+    return method.replace("qlora", f"qlora ({s.quantization})", 1) if s.quantization else method
 
 
 # (header, cell text) for the comparison table, shared by the terminal and the HTML report.

@@ -37,7 +37,8 @@ from .distributed import (DistContext, all_reduce, barrier, clip_grad_norm, gath
                           load_optimizer_state, on_main, optimizer_state, unwrap, wrap)
 from .log import MetricsWriter, NullWriter, peak_memory, plot_loss_curve, reset_peak_memory
 from .loss import count_supervised
-from .optim import build_optimizer
+from .neftune import install_neftune
+from .optim import build_optimizer, param_groups
 from .schedule import build_scheduler
 from .progress import Progress
 from .samples import Samples
@@ -178,8 +179,9 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     torch.manual_seed(tc.seed + ctx.rank)  # dropout (per rank); the data order has its own generator
     step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss)  # forward + loss, one module
     wrapped = wrap(step_fn, ctx, tc.fsdp_reshard_after_forward)                # what DDP / FSDP2 run
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+    groups = param_groups(model, tc.lr, tc.loraplus_lr_ratio)  # after wrapping (FSDP2's sharded parameters);
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]  # LoRA+: B at ratio x lr
+    optimizer = build_optimizer(groups, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, tc.warmup_steps, tc.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
     global_batch = tc.micro_batch_size * tc.grad_accum * ctx.world_size
@@ -200,6 +202,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     wrapped.train()
     reset_peak_memory(device)  # the run's peak, not the load's (nor a previous run's in this process)
     bar = Progress(total_steps, initial=state["step"], enabled=progress and ctx.is_main)
+    neftune = install_neftune(model, tc.neftune_alpha)  # train/neftune.py: noise in training mode only
     # time and tokens count across resumed sessions (the state carries the earlier sessions' part)
     t0, tokens_seen, bad_in_row, stopped, reason = time.perf_counter() - state["seconds"], state["tokens"], 0, False, "completed"
     loss_value, window = float("nan"), []
@@ -265,6 +268,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         if stopped:
             break
     bar.close()
+    neftune.remove()
     elapsed = time.perf_counter() - t0
     if not (stopped and reason.startswith("stopped:")):  # never overwrite with a diverged adapter
         _save_adapter(model, run_dir / "adapter", ctx)

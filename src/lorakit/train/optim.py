@@ -7,6 +7,10 @@ Names follow transformers' `optim` values, so a user's habits carry over:
     paged_adamw_32bit   PagedAdamW: fp32 moments kept in host memory, streamed per parameter
     paged_adamw_8bit    PagedAdamW8bit: 8-bit moments kept in host memory, streamed per parameter
 
+LoRA+ (train.loraplus_lr_ratio) is not an optimizer but its param groups (`param_groups`), so it
+works with every kind above, with the schedule (which scales each group's lr by the same factor)
+and with resume (the groups are part of the optimizer's state_dict).
+
 All lorakit variants are one class, `AdamW(optim_bits=32|8, paged=bool)`. The AdamW math lives
 once, in `adamw_update_`, on fp32 tensors; the 8-bit variant only wraps it in
 dequantize -> update -> requantize, and paging only decides where the stored state lives.
@@ -270,6 +274,32 @@ class PagedAdamW8bit(AdamW):
                  min_8bit_size: int = MIN_8BIT_SIZE):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paged=True,
                          min_8bit_size=min_8bit_size)
+
+
+def is_loraplus_b(name: str, param: Tensor) -> bool:
+    """LoRA+'s fast group: B matrices (lora_B, lora_embedding_B) and every 1-D parameter (biases,
+    DoRA magnitudes), as PEFT's create_loraplus_optimizer sorts them ("lora_B" in name or ndim == 1)."""
+    return ".lora_B." in name or name.endswith(".lora_embedding_B") or param.ndim == 1
+
+
+def param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: float = 0.0) -> list:
+    """The trainable parameters of `model` for build_optimizer.
+
+    ratio 0: one list, every parameter at the optimizer's lr. LoRA+ (Hayou et al. 2024, "LoRA+:
+    Efficient Low Rank Adaptation of Large Models"; PEFT create_loraplus_optimizer), ratio > 0:
+        group 0  lora_A, lora_embedding_A, other >= 2-D tensors (modules_to_save)   lr
+        group 1  is_loraplus_b: lora_B, lora_embedding_B, biases, DoRA magnitudes    ratio * lr
+    Group 0 comes first, so the logged lr (group 0's) is the configured one. One difference from
+    PEFT: PEFT gives an adapted embedding's A and B a fixed loraplus_lr_embedding (1e-6); here they
+    follow the A / B rule like every other layer (the paper's rule; docs/methods.md). Weight decay
+    is train.weight_decay for both groups."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not loraplus_lr_ratio:
+        return [p for _, p in named]
+    fast = [p for n, p in named if is_loraplus_b(n, p)]
+    slow = [p for n, p in named if not is_loraplus_b(n, p)]
+    groups = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
+    return [g for g in groups if g["params"]]
 
 
 def _torch_adamw_kernel(params: list) -> dict:
