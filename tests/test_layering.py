@@ -17,7 +17,8 @@ LAYERS = {
     "train": 5,
     "memory": 6, "report": 6, "export": 6,
     "recipes": 7,
-    "cli": 8, "__main__": 9, "__init__": 9,
+    "cli": 8, "api": 8,
+    "__main__": 9, "__init__": 9,
 }
 
 

@@ -10,8 +10,15 @@ The public API (stable names; see README.md):
     # PiSSA / OLoRA on a 4-bit base: the residual is computed as the 16-bit weights load
     model, tokenizer = lorakit.load_model(path, quantization="nf4", prepare=lorakit.ResidualInit(lora_config))
     packed, state = lorakit.quantize_4bit(tensor); lorakit.dequantize_4bit(packed, state)
+
+Training from Python (a notebook, a script; the recipe `lorakit train` runs):
+
+    run = lorakit.finetune(model=path, data="train.jsonl", quantization="nf4", r=16, max_steps=200)
+    run.plot(); run.generate("..."); run.evaluate("test.jsonl", exact_match=100); run.merge("out/")
+    run = lorakit.Run.load("runs/x"); lorakit.estimate("llama-2-7b", method="qlora"); lorakit.sweep(...)
 """
 
+from .api import EstimateTable, Run, SweepTable, estimate, finetune, sweep
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from .lora.embedding import LoRAEmbedding
 from .lora.init import ResidualInit
@@ -28,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_config",
     "add_lora", "count_parameters", "format_trainable", "unload", "load_adapter", "save_adapter",
-    "LoRALinear", "LoRAEmbedding", "ResidualInit", "MergeReport", "MergeVerificationError", "merge", "load_model", "Linear4bit",
-    "quantize_4bit", "dequantize_4bit",
+    "LoRALinear", "LoRAEmbedding", "ResidualInit", "MergeReport", "MergeVerificationError", "merge", "load_model",
+    "Linear4bit", "quantize_4bit", "dequantize_4bit", "finetune", "Run", "estimate", "sweep", "EstimateTable",
+    "SweepTable",
 ]

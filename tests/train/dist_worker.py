@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 dist_worker.py MODE MODEL_DIR OUT
 
-MODE fsdp_storage: check FSDP2's sharding of the 4-bit codes on every rank, print a JSON line.
+MODE fsdp_storage MODEL_DIR OUT: check FSDP2's sharding of the 4-bit codes on every rank, write OUT/rank-R.json
+(one file a rank: lines two ranks print to one stdout can interleave).
 MODE fail / hang: train, and on rank 1 raise at step 2 / stop answering at step 2 (the job must end
 with an error within train.dist_timeout_s, never hang).
 MODE die_after_6 ARGS...: `lorakit train ARGS`, every process killed (os._exit) right after the
@@ -24,7 +25,7 @@ from lorakit.train import distributed, loop
 from lorakit.train.step import TrainStep
 
 
-def fsdp_storage(model_dir: str) -> None:
+def fsdp_storage(model_dir: str, out: str) -> None:
     ctx = distributed.setup(60)
     ctx.strategy = "fsdp2"
     model, _ = lorakit.load_model(model_dir, quantization="nf4", compute_dtype="fp32", load_tokenizer=False)
@@ -49,7 +50,8 @@ def fsdp_storage(model_dir: str) -> None:
                           for k, v in before[name][1].items() if k != "weight_packed")
     result = {"rank": ctx.rank, "held": held, "total": total, "same_bytes": bool(same_bytes),
               "same_state": bool(same_state), "sharded": bool(sharded), "loss": float(loss)}
-    print("RESULT " + json.dumps(result), flush=True)
+    with open(os.path.join(out, f"rank-{ctx.rank}.json"), "w") as f:
+        json.dump(result, f)
     distributed.teardown()
 
 
@@ -94,6 +96,6 @@ if __name__ == "__main__":
     if mode == "die_after_6":
         die_after_6(sys.argv[2:])
     elif mode == "fsdp_storage":
-        fsdp_storage(sys.argv[2])
+        fsdp_storage(sys.argv[2], sys.argv[3])
     else:
         failing(mode, sys.argv[2:])

@@ -59,7 +59,8 @@ def _page(title: str, body: list[str]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], highlight: Optional[int] = None) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], highlight: Optional[int] = None) -> str:
+    """A table of escaped cells; row `highlight` gets class "best"."""
     out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>"]
     for i, row in enumerate(rows):
         cls = ' class="best"' if i == highlight else ""
@@ -68,7 +69,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], highlight: Opt
 
 
 def _key_numbers(s: RunSummary) -> str:
-    return _table(["", "value"], [
+    return html_table(["", "value"], [
         ("status", s.reason), ("optimizer steps", s.steps),
         ("best validation loss", f"{fmt_num(s.best_val_loss)} at step {fmt_num(s.best_step, 'd')}"),
         ("final training loss", fmt_num(s.final_train_loss)),
@@ -89,7 +90,7 @@ def _memory(run_dir: Path, s: RunSummary) -> list[str]:
     if pred.get("device") == "cuda":
         rows.append(("peak allocated (tensors)", fmt_bytes(pred.get("allocated_bytes")),
                      fmt_bytes(end.get("peak_allocated_bytes")), ratio(end.get("peak_allocated_bytes"), pred.get("allocated_bytes"))))
-    out = [_table(["figure", "predicted", "measured", "measured / predicted"], rows), charts.memory_chart([s])]
+    out = [html_table(["figure", "predicted", "measured", "measured / predicted"], rows), charts.memory_chart([s])]
     if pred.get("device") == "cpu":
         heap = (pred.get("rss_bytes") or 0) - (pred.get("process_bytes") or 0) - (pred.get("allocated_bytes") or 0)
         out.append(f'<p class="note">Predicted peak RSS = the process without tensors, measured before training '
@@ -108,7 +109,7 @@ def _samples(run_dir: Path) -> list[str]:
         return ['<p class="note">No sample generations were recorded (samples.jsonl).</p>']
     rows = [(s.get("step", ""), s.get("prompt", ""), s.get("output", s.get("generation", "")), s.get("reference", ""))
             for s in samples]
-    return [_table(["step", "prompt", "output", "reference"], rows)]
+    return [html_table(["step", "prompt", "output", "reference"], rows)]
 
 
 def _config_text(run_dir: Path) -> str:
@@ -124,7 +125,7 @@ def run_body(run_dir: Path, summary: RunSummary, level: int = 1) -> list[str]:
     out = [f"<{h}>run {escape(summary.name)}</{h}>", _key_numbers(summary),
            f"<{h2}>curves</{h2}>", '<div class="charts">', charts.loss_chart(records), charts.lr_chart(records),
            charts.throughput_chart(records), "</div>", f"<{h2}>evaluations</{h2}>"]
-    out.append(_table(["step", "validation loss", "perplexity", "mean train loss since last eval"],
+    out.append(html_table(["step", "validation loss", "perplexity", "mean train loss since last eval"],
                       [(r["step"], fmt_num(r["val_loss"]), fmt_num(r.get("val_ppl"), ".3f"),
                         fmt_num(r.get("train_loss_mean"))) for r in evals])
                if evals else '<p class="note">No validation set: no evaluations.</p>')
@@ -132,6 +133,26 @@ def run_body(run_dir: Path, summary: RunSummary, level: int = 1) -> list[str]:
     out += [f"<{h2}>sample generations</{h2}>"] + _samples(run_dir)
     out += [f"<{h2}>config</{h2}>", f"<pre>{escape(_config_text(run_dir))}</pre>"]
     return out
+
+
+def run_card(run_dir: str | os.PathLike, max_samples: int = 5) -> str:
+    """An HTML fragment for a notebook cell (lorakit.Run's _repr_html_): the key numbers, peak memory
+    predicted and measured, the loss curves and the latest sample answers (samples.jsonl). No page
+    and no style sheet: the notebook's own styles apply, nothing leaks into the rest of it."""
+    run_dir = Path(run_dir)
+    s = summarize_run(run_dir)
+    samples = read_samples(run_dir)
+    last = max((x.get("step", 0) for x in samples), default=None)
+    latest = [x for x in samples if x.get("step", 0) == last][:max_samples]
+    memory = (f"{s.memory_figure}: {fmt_bytes(s.peak_memory_bytes)} measured, {fmt_bytes(s.predicted_peak_bytes)} "
+              f"predicted")
+    out = [f"<div><strong>lorakit run {escape(str(run_dir))}</strong> ({escape(s.reason)})", _key_numbers(s),
+           f"<p>{escape(memory)}</p>", charts.loss_chart(read_metrics(run_dir))]
+    if latest:
+        out += [f"<p>sample answers at step {last}:</p>",
+                html_table(["prompt", "output", "reference"],
+                           [(x.get("prompt", ""), x.get("output", ""), x.get("reference", "")) for x in latest])]
+    return "\n".join(out + ["</div>"])
 
 
 def _yaml(data: dict) -> str:
@@ -148,18 +169,37 @@ def sweep_runs(sweep_dir: Path) -> list[tuple[str, Path]]:
     return [(r["name"], sweep_dir / r["dir"]) for r in _manifest(sweep_dir)["runs"]]
 
 
-def sweep_body(sweep_dir: Path) -> list[str]:
-    man = _manifest(sweep_dir)
-    runs = sweep_runs(sweep_dir)
-    summaries = [summarize_run(d, name) for name, d in runs]
+def _comparison(man: dict, summaries: list[RunSummary]) -> list[str]:
+    """The comparison table (the best run highlighted), why it is the best, how to merge it."""
     best = man.get("best")
     idx = next((i for i, s in enumerate(summaries) if s.name == best), None)
     headers, rows = table_rows(summaries)
-    out = [f"<h1>sweep {escape(sweep_dir.name)}</h1>", "<h2>comparison</h2>", _table(headers, rows, idx)]
+    out = [html_table(headers, rows, idx)]
     if man.get("why"):
         out.append(f"<p>{escape(man['why'])}</p>")
     if man.get("merge_command"):
         out.append(f"<p>Merge the chosen adapter:</p><pre>{escape(man['merge_command'])}</pre>")
+    return out
+
+
+def sweep_card(sweep_dir: str | os.PathLike) -> str:
+    """An HTML fragment for a notebook cell (lorakit.sweep's table): the comparison, the choice and
+    the validation curves; no page, and one style rule scoped to the card (the best run's row)."""
+    sweep_dir = Path(sweep_dir)
+    runs = sweep_runs(sweep_dir)
+    summaries = [summarize_run(d, name) for name, d in runs]
+    out = ['<div class="lorakit-sweep"><style>.lorakit-sweep tr.best td { font-weight: bold; background: #e8f5e9; }'
+           f"</style><strong>lorakit sweep {escape(str(sweep_dir))}</strong>", *_comparison(_manifest(sweep_dir), summaries),
+           '<div style="display:flex;flex-wrap:wrap;gap:12px">',
+           charts.sweep_val_chart([(name, read_metrics(d)) for name, d in runs]), charts.rank_chart(summaries), "</div>"]
+    return "\n".join(out + ["</div>"])
+
+
+def sweep_body(sweep_dir: Path) -> list[str]:
+    man = _manifest(sweep_dir)
+    runs = sweep_runs(sweep_dir)
+    summaries = [summarize_run(d, name) for name, d in runs]
+    out = [f"<h1>sweep {escape(sweep_dir.name)}</h1>", "<h2>comparison</h2>", *_comparison(man, summaries)]
     out.append('<p class="note">Same data, validation split, seed and step budget for every run; alpha = '
                f"{fmt_num(man.get('alpha_ratio'), 'g')} x r. Overfit gap = validation loss minus the mean training "
                "loss since the previous evaluation, at the last evaluation.</p>")

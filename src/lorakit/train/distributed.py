@@ -130,7 +130,10 @@ def barrier(ctx: DistContext) -> None:
 
 def on_main(fn, ctx: DistContext):
     """Run fn() on rank 0 only and return its result everywhere; an exception there is raised on every
-    rank (as the same type when lorakit knows it), so no rank is left waiting at the next collective."""
+    rank (as the same type when lorakit knows it), so no rank is left waiting at the next collective.
+    In one process fn() just runs: its exception keeps its own type (OutputError) and traceback."""
+    if not ctx.enabled:
+        return fn()
     result, error = None, None
     if ctx.is_main:
         try:

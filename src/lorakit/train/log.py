@@ -105,20 +105,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
 
 
-def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
-    """Train and validation loss against step as a PNG; None (with a note) without matplotlib.
-    Drawn on an explicit Figure with the Agg canvas: no pyplot, no process-wide backend switch (which
-    would turn off inline plots in the user's Jupyter or Colab session)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
-        return None
-    records = read_metrics(run_dir)
+def loss_figure(records: list[dict], figure_class=None):
+    """Train and validation loss against step, drawn on an explicit matplotlib Figure (of
+    `figure_class`, a Figure subclass, if given) with the Agg canvas: no pyplot, no process-wide
+    backend switch (which would turn off inline plots in the user's Jupyter or Colab session).
+    ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4), dpi=110)
+    fig = (figure_class or Figure)(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     if train:
@@ -128,8 +125,19 @@ def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / supervised token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
+    """loss_figure of the run's metrics.jsonl as a PNG; None (with a note) without matplotlib."""
+    try:
+        fig = loss_figure(read_metrics(run_dir))
+    except ImportError:
+        log.info("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
+        return None
     out = Path(out or Path(run_dir) / "loss_curve.png")
     fig.savefig(out)
     return out

@@ -14,6 +14,7 @@ import time
 log = logging.getLogger("lorakit")
 PLAIN_LINES = 20        # at least this many lines per run
 PLAIN_SECONDS = 30.0    # and one at least every this many seconds
+TEXT_BAR_SECONDS = 2.0  # a text bar in a notebook without ipywidgets: redrawn at most this often
 
 
 def _interactive() -> bool:
@@ -26,6 +27,23 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _bar(total: int, initial: int):
+    """tqdm.auto's bar: a widget in Jupyter / Colab, a text bar on a terminal. In a kernel without
+    ipywidgets tqdm.auto would fall back to the text bar with a warning, and each redraw is one more
+    output of the cell (a notebook file keeps them all): the text bar then, redrawn at most every
+    TEXT_BAR_SECONDS."""
+    import importlib.util
+
+    kwargs = dict(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    if "ipykernel" in sys.modules and not sys.stderr.isatty() and importlib.util.find_spec("ipywidgets") is None:
+        from tqdm.std import tqdm
+
+        return tqdm(mininterval=TEXT_BAR_SECONDS, **kwargs)
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
 class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, interactive: bool | None = None):
         self.total, self.enabled = total, enabled
@@ -35,15 +53,13 @@ class Progress:
         self.first = initial
         self.bar = None
         if enabled and self.interactive:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = _bar(total, initial)
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             self.bar.update(1)
             return
         now = time.perf_counter()
