@@ -33,7 +33,7 @@ QUANT_TYPES = (None, "nf4", "fp4")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
-DATA_FORMATS = ("auto", "dolly", "alpaca", "chat", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "dolly", "alpaca", "chat", "prompt_completion", "text", "preference")
 TEMPLATES = ("auto", "chat", "alpaca", "alpaca_short")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 # lora.init values (PEFT init_lora_weights): "pissa_niter_N" (N >= 1 power iterations) is also allowed.
@@ -171,7 +171,8 @@ class DataConfig:
     path: str = ""
     """Training data: a .jsonl/.json/.csv/.parquet file, or a Hugging Face dataset id when online."""
     format: str = "auto"
-    """Row format: auto (detected from the fields), dolly, alpaca, chat, prompt_completion or text."""
+    """Row format: auto (detected from the fields), dolly, alpaca, chat, prompt_completion, text or
+    preference (prompt, chosen, rejected: pairs for train.objective dpo / orpo)."""
     template: str = "auto"
     """How dolly, alpaca and prompt_completion rows become text: "chat" (the instruction as a user turn,
     the answer as the assistant turn, through the tokenizer's own chat template), "alpaca" (the Alpaca
@@ -273,6 +274,24 @@ class TrainConfig:
     """LoRA+ (Hayou et al. 2024, PEFT create_loraplus_optimizer): the B matrices (lora_B, embedding
     B) and 1-D parameters (biases, DoRA magnitudes) train at ratio x lr, A at lr; 0 = off (the
     paper suggests 16)."""
+    objective: str = "sft"
+    """What to minimise: "sft" (next-token cross-entropy on the answers), "dpo" (direct preference
+    optimisation on preference pairs, against the base model with the adapters off: no second copy)
+    or "orpo" (the chosen answer's cross-entropy plus an odds-ratio term, no reference). dpo and orpo
+    need data in the preference format (prompt, chosen, rejected); docs/preference.md."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the adapter may move from the reference (higher: closer); > 0."""
+    dpo_loss: str = "sigmoid"
+    """DPO loss: "sigmoid" (the paper's -log sigmoid(beta * margin)) or "ipo" (the squared loss of
+    Azar et al. 2023 on per-token log-ratios, as TRL's loss_type="ipo")."""
+    dpo_label_smoothing: float = 0.0
+    """cDPO (Mitchell 2023): assume this share of the preference labels is flipped, in [0, 0.5);
+    sigmoid loss only."""
+    precompute_ref_logps: bool = False
+    """DPO: compute the reference log-probabilities once per pair before training (one no-grad pass
+    over the data) instead of a reference forward in every step: faster steps."""
+    orpo_lambda: float = 0.1
+    """ORPO's lambda: the weight of the odds-ratio term beside the chosen answer's cross-entropy; > 0."""
     neftune_alpha: float = 0.0
     """NEFTune (Jain et al. 2023, as transformers/TRL neftune_noise_alpha): add uniform noise of
     magnitude alpha / sqrt(L * d) to the input embeddings in training only (L = the padded row
@@ -302,6 +321,15 @@ class TrainConfig:
         if not self.loraplus_lr_ratio >= 0:
             raise ConfigError(f"train.loraplus_lr_ratio={self.loraplus_lr_ratio!r} is not allowed; use 0 (off) or "
                               f"a ratio > 0 (the lr of B over that of A; 16 in the LoRA+ paper)")
+        _allowed("train.objective", self.objective, ("sft", "dpo", "orpo"))
+        _allowed("train.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
+        for name in ("dpo_beta", "orpo_lambda"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is not allowed; it must be > 0")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"train.dpo_label_smoothing={self.dpo_label_smoothing!r} is not allowed; use a value in [0, 0.5)")
+        if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
+            raise ConfigError("train.dpo_label_smoothing applies to train.dpo_loss=sigmoid only")
         if not self.neftune_alpha >= 0:
             raise ConfigError(f"train.neftune_alpha={self.neftune_alpha!r} is not allowed; use 0 (off) or a value > 0 (e.g. 5)")
 
@@ -312,6 +340,23 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.train.objective == "sft":
+            return
+        if self.data.pack:
+            raise ConfigError(f"data.pack=true does not apply to train.objective={self.train.objective}: a preference "
+                              "pair is two sequences compared as wholes; set data.pack=false")
+        if self.data.format not in ("auto", "preference"):
+            raise ConfigError(f"train.objective={self.train.objective} needs data.format=preference (or auto), got "
+                              f"{self.data.format!r}")
+        if self.train.objective == "dpo" and self.lora.residual_init:
+            raise ConfigError(f"train.objective=dpo with lora.init={self.lora.init!r}: the base with the adapters off "
+                              "is the residual, not the original model, so it cannot be DPO's reference; use "
+                              "lora.init default or gaussian")
+        if self.train.objective == "dpo" and self.lora.bias != "none":
+            raise ConfigError(f"train.objective=dpo with lora.bias={self.lora.bias!r}: a trained bias has no 'adapter "
+                              "off', so the reference would not be the base model; use lora.bias none")
 
 
 # ---------------------------------------------------------------- building from dicts / YAML

@@ -61,13 +61,14 @@ def test_fused_head_online_softmax_is_exact_when_the_max_moves_between_slices():
     old = loss_mod.HEAD_COLS
     try:
         loss_mod.HEAD_COLS = 16
-        fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True)
-        (g_fused,) = torch.autograd.grad(fused, h)
+        fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True)       # [n]: one CE per row
+        g_rows = torch.rand(n)                                                  # a weight per row (DPO's case)
+        (g_fused,) = torch.autograd.grad(fused, h, g_rows)
     finally:
         loss_mod.HEAD_COLS = old
-    ref = torch.nn.functional.cross_entropy(h @ weight.t(), y, reduction="sum")
-    (g_ref,) = torch.autograd.grad(ref, h)
-    assert torch.isfinite(fused)
+    ref = torch.nn.functional.cross_entropy(h @ weight.t(), y, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref, h, g_rows)
+    assert torch.isfinite(fused).all() and fused.shape == (n,)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-4)
 
@@ -104,7 +105,7 @@ def test_fused_head_on_cuda_with_gpu_blocks_matches_dense_cross_entropy(dtype):
     weight = (torch.randn(vocab, hidden, device="cuda") * 0.05).to(dtype)
     h = torch.randn(n, hidden, device="cuda").to(dtype).requires_grad_(True)
     y = torch.randint(0, vocab, (n,), device="cuda")
-    fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True)
+    fused = loss_mod.LinearCrossEntropySum.apply(h, weight, y, True).sum()
     (g_fused,) = torch.autograd.grad(fused, h)
     hr = h.detach().float().requires_grad_(True)
     ref = torch.nn.functional.cross_entropy((hr.to(dtype) @ weight.t()).float(), y, reduction="sum")

@@ -13,6 +13,9 @@ global micro-batch one process with micro-batch m*W would see) and rank r takes 
 r*m ... (r+1)*m - 1 of them. Every rank runs the same number of micro-batches: a rank whose slice of
 a short last batch is empty gets a stand-in row with nothing supervised (loss 0, no gradient), so
 the collectives of every rank stay in step.
+
+A row is an example, a packed row, or a preference pair (DPO / ORPO), which collates into its
+chosen and its rejected sequence (data/collate.py collate_pairs; a stand-in pair counts 0).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-from .collate import collate, collate_packed, pack_examples
+from .collate import collate, collate_packed, collate_pairs, pack_examples
 from .tokenize import IGNORE_INDEX
 
 
@@ -31,7 +34,8 @@ class Batches:
     def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, pad_id: int,
                  pack: bool = False, max_seq_len: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.rows = pack_examples(examples, max_seq_len) if pack else examples
-        self.collate = collate_packed if pack else collate
+        pairs = bool(examples) and "rejected_input_ids" in examples[0]  # preference pairs (DPO / ORPO)
+        self.collate = collate_packed if pack else collate_pairs if pairs else collate
         self.mbs, self.seed, self.pad_id, self.shuffle = micro_batch_size, seed, pad_id, shuffle
         self.rank, self.world_size = rank, world_size
         self.per_epoch = math.ceil(len(self.rows) / (micro_batch_size * world_size))
@@ -53,7 +57,9 @@ class Batches:
         ids = order[i * rows:(i + 1) * rows][self.rank * self.mbs:(self.rank + 1) * self.mbs]
         if not ids:  # this rank's share of a short last batch: a stand-in with nothing supervised
             row = dict(self.rows[order[0]])
-            row["labels"] = [IGNORE_INDEX] * len(row["labels"])
+            for key in ("labels", "rejected_labels"):
+                if key in row:
+                    row[key] = [IGNORE_INDEX] * len(row[key])
             return self.collate([row], self.pad_id)
         return self.collate([self.rows[j] for j in ids], self.pad_id)
 

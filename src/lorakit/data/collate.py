@@ -56,6 +56,26 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> d
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Preference pairs (data/preference.py) -> one batch of 2B rows, chosen first, rejected after:
+
+        input_ids, labels, attention_mask [2B, L]   rows 0..B-1 chosen, B..2B-1 rejected (as collate)
+        pairs [B] bool                              both answers have a supervised token (a pair that counts)
+        ref_logps [2B] fp32                         when the pairs carry precomputed reference log-probs
+    """
+    if not pairs:
+        raise ValueError("collate_pairs() got no pairs")
+    sides = [{"input_ids": p["input_ids"], "labels": p["labels"]} for p in pairs] + \
+            [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
+    batch = collate(sides, pad_id, pad_to_multiple_of)
+    supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1)                 # [2B]
+    batch["pairs"] = supervised[:len(pairs)] & supervised[len(pairs):]               # [B]
+    if "ref_logps" in pairs[0]:
+        batch["ref_logps"] = torch.tensor([p["ref_logps"][0] for p in pairs] + [p["ref_logps"][1] for p in pairs],
+                                          dtype=torch.float32)                       # [2B]
+    return batch
+
+
 def _pad_ids_and_labels(rows: list[dict], pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids (pad_id) and labels (IGNORE_INDEX), both [B, L] with L the longest
     row rounded up to `multiple`."""

@@ -7,6 +7,7 @@ Formats and their fields (required, then optional; an optional field may be miss
   alpaca             instruction, output; input            (tatsu-lab/alpaca)
   prompt_completion  prompt, completion
   text               text                                   (every token supervised)
+  preference         chosen, rejected; prompt               (pairs for DPO / ORPO: data/preference.py)
 
 A rendered row is a list of (text, supervised) segments. The prompt parts are unsupervised and
 the response parts supervised; tokenize.py turns segments into ids and labels and appends EOS.
@@ -28,6 +29,7 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input",)),
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
+    "preference": (("chosen", "rejected"), ("prompt",)),
 }
 FORMATS = tuple(FORMAT_FIELDS)
 
@@ -133,6 +135,9 @@ def render(record: dict, fmt: str, tokenizer=None, template: str = "alpaca") -> 
         raise DataError(f"data.format={fmt!r} is not allowed; choose one of {', '.join(FORMATS)}")
     if not isinstance(record, dict):
         raise DataError(f"a row must be an object with named fields, got {type(record).__name__}")
+    if fmt == "preference":
+        raise DataError("preference rows (prompt, chosen, rejected) train with train.objective dpo or orpo "
+                        "(data/preference.py), not as single examples")
     if fmt == "chat":
         return render_chat(_messages(record), tokenizer)
     if fmt == "text":

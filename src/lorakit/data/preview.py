@@ -37,9 +37,13 @@ def preview(examples: list[dict], tokenizer, n: int = 3, color: bool = False) ->
     head = f"supervised tokens are shown as {on}...{off}" if not color else "supervised tokens are green"
     blocks = [head]
     for i, ex in enumerate(examples[:n]):
-        n_sup = sum(label != IGNORE_INDEX for label in ex["labels"])
-        blocks.append(f"--- example {i} ({len(ex['input_ids'])} tokens, {n_sup} supervised) ---")
-        blocks.append(mark_supervised(ex, tokenizer, color))
+        sides = [("", ex)]
+        if "rejected_input_ids" in ex:  # a preference pair: both sequences
+            sides = [(" chosen", ex), (" rejected", {"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"]})]
+        for name, side in sides:
+            n_sup = sum(label != IGNORE_INDEX for label in side["labels"])
+            blocks.append(f"--- example {i}{name} ({len(side['input_ids'])} tokens, {n_sup} supervised) ---")
+            blocks.append(mark_supervised(side, tokenizer, color))
     return "\n".join(blocks)
 
 

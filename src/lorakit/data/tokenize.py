@@ -94,10 +94,15 @@ def tokenize_example(segments, tokenizer, max_seq_len: int, train_on_inputs: boo
 def build_examples(records: list[dict], tokenizer, cfg) -> tuple[list[dict], "DataStats"]:
     """Render and tokenize every row of `records` per `cfg` (a DataConfig).
 
-    Returns examples {"input_ids": list[int], "labels": list[int]} and their DataStats. A bad row is
+    Returns examples {"input_ids": list[int], "labels": list[int]} and their DataStats (preference
+    rows: pairs, data/preference.py build_pairs). A bad row is
     a DataError naming the row (1-based); rows with nothing supervised are dropped and counted.
     """
     fmt = detect_format(records, cfg.path) if cfg.format == "auto" else cfg.format
+    if fmt == "preference":  # pairs for DPO / ORPO
+        from .preference import build_pairs
+
+        return build_pairs(records, tokenizer, cfg)
     stats = DataStats(n_rows=len(records), format=fmt)
     adds_bos = _adds_bos(tokenizer)  # once, not per row
     examples = []

@@ -56,6 +56,7 @@ class LoRAEmbedding(nn.Module):
         self.lora_magnitude_vector: Optional[nn.Parameter] = None  # DoRA: [dim]
         self.use_dora = use_dora
         self.merged_layer: Optional[nn.Module] = None
+        self.adapter_active = True  # False inside lora/switch.py adapters_disabled: the base layer alone
         if use_dora:
             self.init_dora_()
 
@@ -101,6 +102,8 @@ class LoRAEmbedding(nn.Module):
         return self.scaling * (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).t()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_active:
+            return self.base_layer(ids)
         if self.merged_layer is not None:
             return self.merged_layer(ids)
         result = self.base_layer(ids)                                               # [..., dim]

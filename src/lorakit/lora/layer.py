@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=dtype)  # weight [out, r]
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_layer: Optional[nn.Module] = None  # set by merge_(); base_layer is never modified
+        self.adapter_active = True  # False inside lora/switch.py adapters_disabled: the base layer alone
         # DoRA: trainable magnitude [out] (PEFT key <name>.lora_magnitude_vector), set by init_dora_()
         self.lora_magnitude_vector: Optional[nn.Parameter] = None
         self.use_dora = use_dora
@@ -123,6 +124,8 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_active:
+            return self.base_layer(x)
         if self.merged_layer is not None:
             return self.merged_layer(x)
         result = replayed(self.base_layer, x)                                # [..., out], base dtype
@@ -188,13 +191,14 @@ class ModulesToSave(nn.Module):
         super().__init__()
         self.original_module = original
         self.module = copy.deepcopy(original)
+        self.adapter_active = True  # False: the frozen original (lora/switch.py adapters_disabled)
         for p in self.original_module.parameters():
             p.requires_grad_(False)
         for p in self.module.parameters():
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return (self.module if self.adapter_active else self.original_module)(*args, **kwargs)
 
     def __getattr__(self, name):
         # Let model code read attributes of the wrapped module (e.g. lm_head.weight, embed.num_embeddings).

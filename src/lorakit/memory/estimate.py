@@ -100,6 +100,12 @@ class Settings:
     residual_init: bool = False
     """lora.init pissa/olora: each adapted layer keeps its initial A0, B0 (buffers, for the
     plain-LoRA conversion of lora/io.py)."""
+    objective: str = "sft"
+    """train.objective: sft, or dpo / orpo, whose micro-batch of batch_size pairs runs 2 x batch_size
+    rows (chosen and rejected, one forward); dpo also runs a no-grad reference pass first (not with
+    precompute_ref)."""
+    precompute_ref: bool = False
+    """dpo with train.precompute_ref_logps: no reference pass in the step."""
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -114,6 +120,7 @@ class Settings:
         check("adapter_dtype", self.adapter_dtype, ("float32", "compute"))
         check("branch_dtype", self.branch_dtype, ("compute", "adapter"))
         check("strategy", self.strategy, ("ddp", "fsdp2"))
+        check("objective", self.objective, ("sft", "dpo", "orpo"))
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise ValueError(f"world_size={self.world_size!r} is not allowed; it must be an integer >= 1")
         for name in ("seq_len", "batch_size", "rank", "loss_chunk_size", "blocksize"):
@@ -302,6 +309,9 @@ def optimizer_state_bytes(sizes: list[int], param_bytes: int, s: Settings) -> in
 def estimate(model, settings: Settings = Settings(), **overrides) -> Estimate:
     """Predict the peak memory of a training step of `model` (anything `resolve_shape` takes)."""
     s = replace(settings, **overrides) if overrides else settings
+    pairs = s.objective != "sft"
+    if pairs:  # a micro-batch of B pairs is 2B rows in one forward (train/objectives.py)
+        s = replace(s, batch_size=2 * s.batch_size)
     shape = resolve_shape(model)
     if s.attn_impl:
         shape = replace(shape, attn_impl=s.attn_impl)
@@ -321,10 +331,16 @@ def estimate(model, settings: Settings = Settings(), **overrides) -> Estimate:
     context = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
     if s.world_size > 1 and s.device == "cuda":
         context += NCCL_BYTES
+    # DPO's reference pass (no grad, before the policy's forward) holds one layer's transient
+    # activations and a loss block at a time: below the step's own peak, so it adds time, not memory
+    reference = act["per_layer"] + loss if s.objective == "dpo" and not s.precompute_ref else 0
     comps["runtime_overhead"] = context + int(FRAGMENTATION_MARGIN * allocated)
     trainable = sum(sizes)
+    if pairs:
+        s = replace(s, batch_size=s.batch_size // 2)  # report the pairs the user asked for
     return Estimate(shape.name, s, comps, shape.n_params(), trainable,
-                    details={"activations": act, "workspace": work, "attn_impl": shape.attn_impl, "distributed": dist})
+                    details={"activations": act, "workspace": work, "attn_impl": shape.attn_impl, "distributed": dist,
+                             "rows_per_micro_batch": s.batch_size * (2 if pairs else 1), "reference_pass": reference})
 
 
 def _per_rank_fsdp2(comps: dict, w: dict, shape: ModelShape, s: Settings) -> tuple[dict, dict]:

@@ -198,7 +198,8 @@ def settings_for_run(cfg, model=None, precision=None, seq_len: Optional[int] = N
         device=device, attn_impl=attn, quant_type=m.quantization or "nf4", double_quant=m.double_quant,
         blocksize=m.blocksize, skip_modules=tuple(m.skip_modules), lora_dropout=float(lo.dropout),
         adapter_dtype=lo.adapter_dtype, branch_dtype=lo.branch_dtype, mmap_embeddings=m.mmap_embeddings,
-        use_dora=lo.use_dora, residual_init=lo.residual_init)
+        use_dora=lo.use_dora, residual_init=lo.residual_init, objective=t.objective,
+        precompute_ref=t.precompute_ref_logps)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DoRA (lora.use_dora): magnitudes and each adapted layer's direction output (default off)")
     parser.add_argument("--residual-init", action=argparse.BooleanOptionalAction, default=False,
                         help="lora.init pissa/olora: the initial A0 / B0 kept per layer (default off)")
+    parser.add_argument("--objective", choices=("sft", "dpo", "orpo"), default="sft",
+                        help="sft, or dpo / orpo: each of --batch-size pairs is 2 rows (chosen, rejected); dpo adds a "
+                             "no-grad reference pass (default sft)")
+    parser.add_argument("--precompute-ref", action="store_true", help="dpo with train.precompute_ref_logps")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (default bf16)")
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="rows per cross-entropy chunk (default 1024)")
@@ -73,13 +77,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     targets=targets, grad_ckpt=args.grad_ckpt, ckpt_replay=args.ckpt_replay, lean_activations=args.lean_activations, optimizer=args.optimizer, dtype=args.dtype,
                     loss_chunk_size=args.loss_chunk_size, device=args.device, attn_impl=args.attn or "",
                     world_size=args.gpus, strategy=args.strategy, use_dora=args.dora,
-                    residual_init=args.residual_init)
+                    residual_init=args.residual_init, objective=args.objective, precompute_ref=args.precompute_ref)
 
 
 def format_table(est: Estimate) -> str:
     s = est.settings
-    lines = [f"{est.model}: {s.method}, {est.n_params / 1e9:.2f}B params ({est.trainable_params:,} trainable), "
-             f"seq {s.seq_len} x batch {s.batch_size}, r={s.rank}, {s.dtype}, {s.optimizer}, "
+    size = f"{est.n_params / 1e9:.2f}B" if est.n_params >= 1e9 else f"{est.n_params / 1e6:.2f}M"
+    lines = [f"{est.model}: {s.method}, {size} params ({est.trainable_params:,} trainable), "
+             f"seq {s.seq_len} x batch {s.batch_size}"
+             + (f" pairs ({2 * s.batch_size} rows{', + reference pass' if s.objective == 'dpo' and not s.precompute_ref else ''})"
+                if s.objective != "sft" else "") + f", r={s.rank}, {s.dtype}, {s.optimizer}, "
              f"grad-ckpt {ckpt_label(s)}, attention {est.details['attn_impl']}"
              + (f"; per GPU of {s.world_size} ({s.strategy})" if s.world_size > 1 else ""), ""]
     lines.append(f"{'component':<20} {'memory':>12}  what")
@@ -91,6 +98,21 @@ def format_table(est: Estimate) -> str:
     fits = [f"{gpu} {'yes' if est.total_bytes <= cap else 'no'}" for gpu, cap in gpu_table().items()]
     lines.append("fits: " + ", ".join(fits))
     return "\n".join(lines)
+
+
+def format_html(est: Estimate) -> str:
+    """format_table as an HTML fragment (lorakit.estimate's table in a notebook cell)."""
+    from html import escape
+
+    from ..report.html import html_table
+
+    title = format_table(est).split("\n", 1)[0]
+    rows = [(name, format_bytes(est.components[name]), _NOTES[name]) for name in COMPONENTS]
+    rows += [("peak allocated", format_bytes(est.peak_allocated_bytes), "what torch.cuda.max_memory_allocated reads"),
+             ("total", format_bytes(est.total_bytes), "what must fit")]
+    fits = html_table(["GPU", "memory", "fits"], [(gpu, format_bytes(cap), "yes" if est.total_bytes <= cap else "no")
+                                                  for gpu, cap in gpu_table().items()])
+    return f"<div><p>{escape(title)}</p>{html_table(['component', 'memory', 'what'], rows)}{fits}</div>"
 
 
 def _fit_report(model, s: Settings, budget: int, effective: int, as_json: bool) -> tuple[str, int]:

@@ -62,12 +62,24 @@ def prepare_data(cfg: RunConfig, tokenizer):
     else:
         train_rows, val_rows = split_records(records, cfg.data.val_size, cfg.train.seed)
     train_ex, train_stats = build_examples(train_rows, tokenizer, cfg.data)
+    check_objective_data(cfg, train_stats.format)
     log.info("train data: %s", stats_text(train_stats))
     val_ex = []
     if val_rows:
         val_ex, val_stats = build_examples(val_rows, tokenizer, cfg.data)
         log.info("validation data: %s", stats_text(val_stats))
     return train_ex, val_ex
+
+
+def check_objective_data(cfg: RunConfig, fmt: str) -> None:
+    """train.objective dpo / orpo train on preference pairs, sft on single examples."""
+    pairs = fmt == "preference"
+    if cfg.train.objective == "sft" and pairs:
+        raise ConfigError(f"{cfg.data.path}: the rows are preference pairs (prompt, chosen, rejected); train them "
+                          "with train.objective=dpo or orpo (or give single examples for sft)")
+    if cfg.train.objective != "sft" and not pairs:
+        raise ConfigError(f"train.objective={cfg.train.objective} needs preference pairs (fields prompt, chosen, "
+                          f"rejected), but {cfg.data.path} has format {fmt!r}; docs/preference.md")
 
 
 def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FinetuneOutput:
@@ -88,7 +100,8 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, overwr
         log.info("%s; precision: %s", format_trainable(model), precision.describe())
         log.info("fast paths: %s", describe_fast_paths(model, fast, applied))
         train_ex, val_ex = prepare_data(cfg, tokenizer)
-        seq_len = cfg.data.max_seq_len if cfg.data.pack else max(len(e["input_ids"]) for e in train_ex + val_ex)
+        seq_len = cfg.data.max_seq_len if cfg.data.pack else max(  # the longest row (pairs: either side)
+            max(len(e["input_ids"]), len(e.get("rejected_input_ids", ()))) for e in train_ex + val_ex)
         if cfg.train.fit_memory:
             cfg = fit_micro_batch(cfg, model, precision, seq_len)
         ctx.strategy = choose_strategy(cfg, model, precision, seq_len, ctx)  # ddp / fsdp2 on several ranks

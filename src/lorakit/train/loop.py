@@ -9,7 +9,10 @@ Loss normalisation: the loss of a step is sum(CE over all supervised tokens of i
 lengths (dividing each micro-batch by its own count would weight short examples up). The counts
 come from the host copies of the labels, so no micro-batch waits on the device to know them.
 
-The forward and loss of every micro-batch is one call of a TrainStep module (train/step.py).
+The forward and loss of every micro-batch is one call of a TrainStep module (train/step.py); what
+it minimises is train.objective (train/objectives.py: SFT, DPO, ORPO), whose units (supervised tokens,
+or preference pairs) are the denominator above, and whose metrics (DPO's rewards/*) are written
+beside the loss.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .checkpoint import (RUN_FILES, latest_checkpoint, load_checkpoint, prune_ch
 from .distributed import (DistContext, all_reduce, barrier, clip_grad_norm, gather_objects, gradient_sync,
                           load_optimizer_state, on_main, optimizer_state, unwrap, wrap)
 from .log import MetricsWriter, NullWriter, peak_memory, plot_loss_curve, reset_peak_memory
-from .loss import count_supervised
+from .objectives import build_objective, loss_units, reference_logps
 from .neftune import install_neftune
 from .optim import build_optimizer, param_groups
 from .schedule import build_scheduler
@@ -81,18 +84,18 @@ def tokens_in(batch: dict) -> int:
 
 def accumulate_gradients(step: nn.Module, micro: list[dict], scaler: Optional[torch.amp.GradScaler] = None,
                          n_sup: Optional[int] = None, ctx: Optional[DistContext] = None) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; returns (mean loss, supervised tokens),
-    both over every rank.
+    """Backward over the micro-batches of one optimizer step; returns (mean loss, units), both over
+    every rank.
 
-    Each micro-batch contributes CE_sum / N_step where N_step counts the supervised tokens of all
-    micro-batches of the step on every rank (`n_sup`: counted on the host copies of the labels and
-    all-reduced when given), so the accumulated gradient is that of one big batch. On W ranks the
+    Each micro-batch contributes loss_sum / N_step where N_step counts the units (supervised tokens;
+    DPO / ORPO: pairs) of all micro-batches of the step on every rank (`n_sup`: counted on the host
+    copies of the batches and all-reduced when given), so the accumulated gradient is that of one big batch. On W ranks the
     part is multiplied by W: the wrappers average the ranks' gradients. Gradients are synchronised
     on the last micro-batch only. The loss is read back once, after the last one.
     """
     ctx = ctx or DistContext()
     if n_sup is None:
-        n_sup = int(all_reduce([sum(count_supervised(b["labels"]) for b in micro)], ctx)[0])
+        n_sup = int(all_reduce([sum(loss_units(b) for b in micro)], ctx)[0])
     loss_sum = None
     for j, b in enumerate(micro):
         with gradient_sync(step, ctx, last=j == len(micro) - 1):
@@ -104,20 +107,53 @@ def accumulate_gradients(step: nn.Module, micro: list[dict], scaler: Optional[to
 
 
 @torch.no_grad()
-def evaluate(step: nn.Module, batches: Batches, device: torch.device, ctx: Optional[DistContext] = None) -> float:
-    """Mean CE per supervised token over the whole validation set (every rank's share, all-reduced)."""
+def evaluate(step: nn.Module, batches: Batches, device: torch.device, ctx: Optional[DistContext] = None,
+             stats: Optional[dict] = None) -> float:
+    """Mean loss per unit (SFT: CE per supervised token; DPO / ORPO: loss per pair) over the whole
+    validation set (every rank's share, all-reduced); `stats`, when given, receives the objective's
+    metrics over the same set (DPO: rewards/accuracies, ...)."""
     ctx = ctx or DistContext()
     was_training = step.training
     step.eval()
+    unwrap(step).take_stats()  # only this evaluation's sums
     total, n = None, 0
     for i in range(len(batches)):
         b = batches[i]
-        n += count_supervised(b["labels"])
+        n += loss_units(b)
         part, _ = step(to_device(b, device))
         total = part if total is None else total + part
     step.train(was_training)
-    total, n = all_reduce([float(total) if total is not None else 0.0, n], ctx)
+    sums = unwrap(step).take_stats()
+    values = all_reduce([float(total) if total is not None else 0.0, n] + [float(v) for v in sums.values()], ctx)
+    total, n = values[:2]
+    if stats is not None:
+        stats.update({k: v / n if n else float("nan") for k, v in zip(sums, values[2:])})
     return total / n if n else float("nan")
+
+
+def step_metrics(step_fn: "TrainStep", n_units: int, ctx: DistContext) -> dict:
+    """The objective's metrics of the last optimizer step, per unit over every rank (empty for SFT)."""
+    sums = step_fn.take_stats()
+    if not sums:
+        return {}
+    values = all_reduce([float(v) for v in sums.values()], ctx)
+    return {k: v / max(n_units, 1) for k, v in zip(sums, values)}
+
+
+@torch.no_grad()
+def with_reference_logps(step_fn: "TrainStep", examples: list[dict], micro_batch_size: int, pad_id: int,
+                         device: torch.device) -> list[dict]:
+    """train.precompute_ref_logps: each pair with its reference log-probabilities (chosen, rejected),
+    from one no-grad pass over the examples with the adapters off (train/objectives.py). Every rank
+    computes all of them, before any wrapping (no collectives)."""
+    batches = Batches(examples, micro_batch_size, 0, pad_id, shuffle=False)
+    out = []
+    for i in range(len(batches)):
+        ref = reference_logps(step_fn, to_device(batches[i], device)).cpu()          # [2b]
+        half = ref.shape[0] // 2
+        for j, ex in enumerate(examples[i * micro_batch_size:(i + 1) * micro_batch_size]):
+            out.append({**ex, "ref_logps": (float(ref[j]), float(ref[half + j]))})
+    return out
 
 
 def _loss_scale_overflow(scaler: torch.amp.GradScaler, loss: float, grad_norm: float) -> bool:
@@ -168,6 +204,12 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     check_model_precision(model, precision)
     run_dir = on_main(lambda: claim_folder(tc.output_dir, "run", RUN_FILES, overwrite=overwrite, resume=resume), ctx)
     fast = fast or FastPaths.from_config(cfg.model)
+    objective = build_objective(tc)                                                # sft / dpo / orpo
+    step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss, objective=objective)  # one module
+    if objective.needs_reference and tc.precompute_ref_logps:
+        train_examples = with_reference_logps(step_fn, train_examples, tc.micro_batch_size, pad_id, device)
+        val_examples = with_reference_logps(step_fn, val_examples, tc.micro_batch_size, pad_id, device)
+        log.info("reference log-probabilities computed for %d + %d pairs", len(train_examples), len(val_examples))
     data = Batches(train_examples, tc.micro_batch_size, tc.seed, pad_id, cfg.data.pack, cfg.data.max_seq_len,
                    rank=ctx.rank, world_size=ctx.world_size)
     val = (Batches(val_examples, tc.micro_batch_size, tc.seed, pad_id, shuffle=False, rank=ctx.rank,
@@ -177,7 +219,6 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     ckpt = on_main(lambda: latest_checkpoint(run_dir) if resume else None, ctx)
     saved = load_checkpoint(ckpt, model) if ckpt is not None else None  # the adapter, before any wrapping
     torch.manual_seed(tc.seed + ctx.rank)  # dropout (per rank); the data order has its own generator
-    step_fn = TrainStep(model, tc.loss_chunk_size, fused_loss=fast.fused_loss)  # forward + loss, one module
     wrapped = wrap(step_fn, ctx, tc.fsdp_reshard_after_forward)                # what DDP / FSDP2 run
     groups = param_groups(model, tc.lr, tc.loraplus_lr_ratio)  # after wrapping (FSDP2's sharded parameters);
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]  # LoRA+: B at ratio x lr
@@ -209,10 +250,11 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     while state["step"] < total_steps:
         step = state["step"]
         host = [data[step * tc.grad_accum + j] for j in range(tc.grad_accum)]
-        n_sup, tokens = all_reduce([sum(count_supervised(b["labels"]) for b in host), sum(tokens_in(b) for b in host)], ctx)
+        n_sup, tokens = all_reduce([sum(loss_units(b) for b in host), sum(tokens_in(b) for b in host)], ctx)
         tokens_seen += int(tokens)
         micro = [to_device(b, device) for b in host]
         loss_value, _ = accumulate_gradients(wrapped, micro, scaler, int(n_sup), ctx)
+        extra = step_metrics(step_fn, int(n_sup), ctx)  # DPO / ORPO: rewards/*, logps/* (TRL's names)
         scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"), ctx)
         stepped = True
@@ -249,7 +291,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
         if step % tc.log_every == 0 or step == total_steps:
             metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": grad_norm, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                           "supervised_tokens": int(n_sup)})
+                           ("supervised_tokens" if objective.name == "sft" else "pairs"): int(n_sup), **extra})
         bar.update(step, loss_value, scheduler.get_last_lr()[0], tokens_seen / max(elapsed, 1e-9))
         if val is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
             eval_step = unwrap(wrapped) if ctx.strategy == "ddp" else wrapped  # no collectives in a DDP eval
@@ -333,9 +375,13 @@ def _save_adapter(model, path, ctx: DistContext) -> None:
 def _evaluate_and_track(step_fn, val, device, tc, state, window, metrics, run_dir, step, ctx) -> bool:
     """Evaluate, keep the best adapter, warn on overfitting; True when early stopping triggers (the
     same on every rank: the validation loss is all-reduced)."""
-    val_loss = evaluate(step_fn, val, device, ctx)
+    extra: dict = {}
+    val_loss = evaluate(step_fn, val, device, ctx, extra)
     train_mean = sum(window) / max(len(window), 1)
-    metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "train_loss_mean": train_mean})
+    record = {"step": step, "val_loss": val_loss, "train_loss_mean": train_mean, **{f"eval_{k}": v for k, v in extra.items()}}
+    if not extra:  # a perplexity only means something for the token cross-entropy
+        record["val_ppl"] = math.exp(min(val_loss, 50.0))
+    metrics.write(record)
     last = state["last_eval"]
     if last is not None and val_loss > last[0] and train_mean < last[1] and ctx.is_main:
         warnings.warn(f"step {step}: validation loss rose {last[0]:.4f} -> {val_loss:.4f} while training loss fell "

@@ -50,8 +50,8 @@ def _head_logits(model: nn.Module, head: nn.Module, h: torch.Tensor) -> torch.Te
     return logits
 
 
-def _chunk_ce_sum(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_head_logits(model, head, h), y, reduction="sum")
+def _chunk_ce(model: nn.Module, head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_head_logits(model, head, h), y, reduction="none")                    # [n]
 
 
 # Block sizes of the fast path: rows of h and vocabulary columns of the head formed at once. Per
@@ -88,7 +88,8 @@ SOFTCAP_BYTES_PER_LOGIT = 8
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i) for a frozen head weight W [V, H], without keeping logits.
+    """CE(h_i @ W^T, y_i) for every row i, [N] fp32, for a frozen head weight W [V, H], without keeping
+    logits (the SFT loss sums them; DPO / ORPO sum them per sequence: train/objectives.py).
 
     forward, per block of rows r, over vocabulary slices c (online softmax, as flash attention):
         z    = (h_r @ W_c^T).float()                                 [r, c]
@@ -97,13 +98,13 @@ class LinearCrossEntropySum(torch.autograd.Function):
         s    = a * s + sum_c e                                       running sum of exp [r]
         acc  = a * acc + (e.to(h.dtype) @ W_c).float()               [r, H], with_grad only
         m    = m'
-      lse_i = log s_i + m_i;  loss += sum_i (lse_i - z_i[y_i])
+      lse_i = log s_i + m_i;  loss_i = lse_i - z_i[y_i]
       with_grad: G_r = acc / s - W[y_r]  = (softmax(z) - onehot(y)) @ W                     [r, H]
-    backward: dL/dh = (g * G).to(h.dtype); no gradient for the frozen W (nor for y).
+    backward: dL/dh_i = (g_i * G_i).to(h.dtype); no gradient for the frozen W (nor for y).
 
     The gradient is formed in the forward pass while the logits exist (as Liger-Kernel's fused
     linear cross-entropy does), so backward needs no second head matmul; it is linear in the
-    incoming scalar g, which is applied at the end. Each weight slice is used by both matmuls while
+    incoming g_i of each row, which is applied at the end. Each weight slice is used by both matmuls while
     it is in cache. Saved: G fp32 [N, H]; never [N, V].
     """
 
@@ -116,7 +117,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             bad = y[(y < 0) | (y >= vocab)][0]
             raise ValueError(f"label {int(bad)} is outside the model's vocabulary [0, {vocab}) "
                              "(labels must be token ids or -100 to ignore a position)")
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        losses = torch.empty(y.shape, dtype=torch.float32, device=h.device)                  # [N]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if with_grad else None  # [N, H]
         head_rows, head_cols = head_blocks(h.device)
         for start in range(0, h.shape[0], head_rows):
@@ -142,23 +143,23 @@ class LinearCrossEntropySum(torch.autograd.Function):
                     acc.mul_(a[:, None]).add_(zc.copy_(e) @ wc)  # e rounded into zc's buffer, @ [c, H]
                 m = m_new
                 del zc, z, e  # free this slice's [r, c] buffers before the next allocates its own
-            total += (s.log() + m - target).sum()
+            losses[rows] = s.log() + m - target
             if with_grad:
                 grad_h[rows] = acc.div_(s[:, None]).sub_(weight[yr].float())
         ctx.save_for_backward(grad_h)
         ctx.dtype = h.dtype
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
         if grad_h is None:
             raise RuntimeError("LinearCrossEntropySum was called without with_grad; it cannot backpropagate")
-        return (grad_h * grad).to(ctx.dtype), None, None, None
+        return (grad_h * grad[:, None]).to(ctx.dtype), None, None, None
 
 
 def fast_head(model: nn.Module, head: nn.Module, dtype: torch.dtype) -> bool:
-    """True when the fast path computes exactly what _chunk_ce_sum would: a plain frozen Linear head
+    """True when the fast path computes exactly what _chunk_ce would: a plain frozen Linear head
     without bias in the activations' dtype, and no logit soft-capping / scaling in the model config."""
     config = model.config
     return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
@@ -170,22 +171,37 @@ def lm_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ch
                 fused: bool = True) -> torch.Tensor:
     """Sum of next-token CE over the supervised positions: hidden [B, T, H] (the decoder's output),
     labels [B, T] (IGNORE_INDEX where not supervised). A 0-dim fp32 tensor."""
+    losses, _ = token_losses(model, hidden, labels, chunk_size, fused)
+    return losses.sum()
+
+
+def token_losses(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
+                 fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token CE of every supervised position, and the row it belongs to.
+
+        y = labels[:, 1:], keep = y != IGNORE_INDEX       position t predicts token t+1
+        losses [N] fp32 = CE(head(hidden[:, :-1][keep]), y[keep]),  rows [N] = batch row of each
+
+    -losses summed per row is each sequence's log-probability of its supervised tokens (DPO, ORPO).
+    The fused path when the head allows it (fast_head), else chunks of `chunk_size` rows under
+    activation checkpointing: never [N, V] fp32 logits at once."""
     y = labels[:, 1:]                                                          # [B, T-1]
     keep = y != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]                                                # [N] batch row of each kept position
     h = hidden[:, :-1][keep]                                                   # [N, H] supervised rows
     y = y[keep]                                                                # [N]
     head = model.get_output_embeddings()
     if fused and fast_head(model, head, h.dtype):
-        return LinearCrossEntropySum.apply(h, head.weight, y, torch.is_grad_enabled() and h.requires_grad)
-    total = hidden.new_zeros((), dtype=torch.float32)
+        return LinearCrossEntropySum.apply(h, head.weight, y, torch.is_grad_enabled() and h.requires_grad), rows
     need_ckpt = torch.is_grad_enabled() and h.requires_grad
+    parts = []
     for start in range(0, h.shape[0], chunk_size):
         hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
         if need_ckpt:
-            total = total + checkpoint(_chunk_ce_sum, model, head, hc, yc, use_reentrant=False)
+            parts.append(checkpoint(_chunk_ce, model, head, hc, yc, use_reentrant=False))
         else:
-            total = total + _chunk_ce_sum(model, head, hc, yc)
-    return total
+            parts.append(_chunk_ce(model, head, hc, yc))
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
 
 
 # ---- what each path holds (read by memory/activations.py) ----------------------------------------
