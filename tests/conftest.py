@@ -24,11 +24,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 from tiny_models import ARCHS, TINY
+from tiny_tokenizers import write_tiny_model_folder
 
 
 @pytest.fixture(params=list(ARCHS))
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama model folder with its tokenizer (tiny_tokenizers.write_tiny_model_folder)."""
+    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

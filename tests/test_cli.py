@@ -8,22 +8,14 @@ from transformers import AutoModelForCausalLM
 from lorakit.cli import main
 from lorakit.train.log import read_metrics
 
-from tiny_tokenizers import make_tokenizer, write_tiny_model_folder
+from tiny_tokenizers import ANIMALS, make_tokenizer, write_jsonl
 
-ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     rows = [{"instruction": f"Name animal number {i % 8}.", "context": "", "response": ANIMALS[i % 8]} for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 def test_train_eval_merge_generate(model_dir, data_file, tmp_path, capsys):

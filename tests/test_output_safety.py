@@ -17,22 +17,15 @@ from lorakit.recipes import sweep
 from lorakit.utils.fs import MANIFEST, OutputError
 
 from tiny_models import tiny_model
-from tiny_tokenizers import write_tiny_model_folder
+from tiny_tokenizers import write_jsonl, write_tiny_model_folder
 
 SENTINEL = "my-notes.txt"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     rows = [{"prompt": f"animal {i % 4}:", "completion": f" {'cat dog fox owl'.split()[i % 4]}"} for i in range(16)]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,17 @@ def make_tokenizer(kind: str):
     return t
 
 
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
+
+
+def write_jsonl(path, rows):
+    """rows as a .jsonl data file at `path`; returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_tiny_model_folder(folder):
     """A 2-layer Llama + the "plain" tokenizer saved as a model folder (config, safetensors,
     tokenizer). initializer_range 0.2 (not 0.02) lets LoRA alone move the frozen head's logits."""

@@ -13,9 +13,8 @@ from lorakit.cli import main
 from lorakit.config import ConfigError, LoraConfig, RunConfig, to_dict
 from lorakit.train.checkpoint import STATE_NAME, list_checkpoints
 
-from tiny_tokenizers import write_tiny_model_folder
+from tiny_tokenizers import ANIMALS, write_jsonl
 
-ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
 # the same run for the CLI and the API (fp32: bit-for-bit reproducible on any CPU)
 FLAGS = {"lora.r": 4, "lora.alpha": 8, "train.max_steps": 6, "train.lr": 1e-2, "train.eval_every": 3,
          "train.save_every": 3, "train.precision": "fp32", "data.val_size": 8, "train.num_samples": 2,
@@ -24,25 +23,16 @@ TIMING = {"tokens_per_s", "seconds", "peak_memory_bytes", "peak_rss_bytes"}  # w
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     rows = [{"instruction": f"Name animal number {i % 8}.", "context": "", "response": ANIMALS[i % 8]} for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
 def say_file(tmp_path_factory):
     """A task the tiny random model learns in a few steps: say the animal the instruction names."""
     rows = [{"instruction": f"Say {ANIMALS[i % 8]}.", "context": "", "response": ANIMALS[i % 8]} for i in range(40)]
-    path = tmp_path_factory.mktemp("say") / "say.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("say") / "say.jsonl", rows)
 
 
 def _api_kwargs(model_dir, data_file, out):

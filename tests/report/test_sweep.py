@@ -18,9 +18,8 @@ from lorakit.report.summary import RunSummary
 from lorakit.train import loop as loop_mod
 from lorakit.train.log import read_metrics
 
-from tiny_tokenizers import write_tiny_model_folder
+from tiny_tokenizers import ANIMALS, write_jsonl
 
-ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen"]
 RANKS, METHODS = (4, 8), ("lora", "qlora")
 NAMES = [f"r{r}-{m}" for m in METHODS for r in RANKS]  # plan order: method-major, then rank
 STEPS, EVAL_EVERY = 8, 4
@@ -28,17 +27,10 @@ INTERRUPT_AT_STEP = 6  # in the 3rd run (r4-qlora), after its step-4 checkpoint
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_folder(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     # short prompt/completion rows (~10 tokens) keep 4 runs fast on a CPU
     rows = [{"prompt": f"animal {i % 8}:", "completion": f" {ANIMALS[i % 8]}"} for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 def sweep_argv(model_dir, data_file, out, *extra):

@@ -17,6 +17,7 @@ from lorakit.train.loss import count_supervised
 from lorakit.train.setup import enable_gradient_checkpointing
 from lorakit.train.step import TrainStep
 
+from killing import dies_after_checkpoint
 from tiny_models import make_examples, tiny_model
 
 PAD = 0
@@ -83,18 +84,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, optimize
     assert len(want_train) == 8
 
     part = run_cfg(tmp_path / "part", max_steps=8, grad_accum=2, save_every=3, optimizer=optimizer)
-    real_save = ckpt_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise Killed  # the process dies right after checkpoint-000003
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with dies_after_checkpoint(monkeypatch, 3):  # the process dies right after checkpoint-000003
         train(adapted(dropout=0.1, r=64), examples, val, part, pad_id=PAD, progress=False)
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     # a fresh process: new model object with a different LoRA init, RNG in another state
     torch.manual_seed(1234)
     train(adapted(seed=99, dropout=0.1, r=64), examples, val, part, pad_id=PAD, resume=True, progress=False)

@@ -8,13 +8,12 @@ import torch
 
 import lorakit
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
-from lorakit.train import checkpoint as ckpt_mod
-from lorakit.train import loop as loop_mod
 from lorakit.train.loop import train
 from lorakit.train.neftune import install_neftune, neftune_noise
 from lorakit.train.optim import build_optimizer, param_groups
 from lorakit.train.schedule import build_scheduler
 
+from killing import dies_after_checkpoint
 from tiny_models import make_examples, tiny_model
 
 PAD = 0
@@ -71,18 +70,8 @@ def test_loraplus_survives_resume(tmp_path, monkeypatch, optimizer):
     kw = dict(max_steps=6, loraplus_lr_ratio=8.0, optimizer=optimizer)
     train(adapted(r=64), examples, val, run_cfg(tmp_path / "full", **kw), pad_id=PAD, progress=False)
     want, want_lr = _losses(tmp_path / "full")
-    real_save = ckpt_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_after_checkpoint(monkeypatch, 3):
         train(adapted(r=64), examples, val, run_cfg(tmp_path / "part", **kw), pad_id=PAD, progress=False)
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     saved = torch.load(tmp_path / "part" / "checkpoint-000003" / "trainer_state.pt", weights_only=True)
     groups = saved["optimizer"]["param_groups"]
     assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(8 * groups[0]["initial_lr"])

@@ -14,9 +14,10 @@ from lorakit.data import build_examples, load_records
 from lorakit.data.batches import Batches
 from lorakit.model.load import load_model
 from lorakit.recipes.finetune import finetune
-from lorakit.train import loop as loop_mod
 from lorakit.train.objectives import sequence_logps
 from lorakit.train.step import TrainStep
+
+from killing import dies_after_checkpoint
 
 DEMO = Path(__file__).resolve().parents[2] / "src" / "lorakit" / "assets" / "demo"
 
@@ -96,24 +97,10 @@ def test_dpo_lifts_held_out_pair_accuracy_from_chance_to_090(data, tmp_path):
     assert evals[-1]["eval_rewards/margins"] > 0
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_mid_run_reproduces_the_uninterrupted_metrics(data, full_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_save = loop_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 10:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with dies_after_checkpoint(monkeypatch, 10):
         finetune(config(data, out), progress=False)
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     torch.manual_seed(123)
     finetune(config(data, out), resume=True, progress=False)
     want, got = steps_of(full_run), steps_of(out)
