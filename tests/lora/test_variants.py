@@ -219,14 +219,16 @@ def test_tied_head_keeps_the_original_table_and_merge_unties_it(arch, input_ids,
 
 
 def test_embedding_update_gets_the_embed_scale(input_ids):
-    """Gemma scales its embedding output by sqrt(hidden); the update is scaled the same way."""
+    """Gemma scales its embedding output by sqrt(hidden); the update is scaled the same way. (The
+    scale sits in the embedding module in newer transformers; 5.1 multiplies in the model's forward,
+    after the layer, which scales base and update alike: then the layer itself applies none.)"""
     model = lorakit.add_lora(tiny_model("gemma2"), lorakit.LoraConfig(r=4, target_modules=("embed_tokens",)))
     layer = model.get_input_embeddings()
     perturb(model)
     with torch.no_grad():
         got = layer(input_ids)
         table = layer.base_layer.weight + layer.delta_weight()
-        want = torch.nn.functional.embedding(input_ids, table) * layer.base_layer.embed_scale
+        want = torch.nn.functional.embedding(input_ids, table) * getattr(layer.base_layer, "embed_scale", 1.0)
     assert torch.allclose(got, want, atol=1e-5)
 
 
