@@ -124,11 +124,16 @@ def evaluate(step: nn.Module, batches: Batches, device: torch.device, ctx: Optio
         total = part if total is None else total + part
     step.train(was_training)
     sums = unwrap(step).take_stats()
-    values = all_reduce([float(total) if total is not None else 0.0, n] + [float(v) for v in sums.values()], ctx)
+    values = all_reduce([float(total) if total is not None else 0.0, n] + host_values(sums), ctx)
     total, n = values[:2]
     if stats is not None:
         stats.update({k: v / n if n else float("nan") for k, v in zip(sums, values[2:])})
     return total / n if n else float("nan")
+
+
+def host_values(sums: dict) -> list[float]:
+    """The metric sums as floats, read from the device in one transfer (one sync, not one per metric)."""
+    return torch.stack([v.float() for v in sums.values()]).tolist() if sums else []
 
 
 def step_metrics(step_fn: "TrainStep", n_units: int, ctx: DistContext) -> dict:
@@ -136,7 +141,7 @@ def step_metrics(step_fn: "TrainStep", n_units: int, ctx: DistContext) -> dict:
     sums = step_fn.take_stats()
     if not sums:
         return {}
-    values = all_reduce([float(v) for v in sums.values()], ctx)
+    values = all_reduce(host_values(sums), ctx)
     return {k: v / max(n_units, 1) for k, v in zip(sums, values)}
 
 
